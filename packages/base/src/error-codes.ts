@@ -1,0 +1,46 @@
+/**
+ * The one registry of error codes. A code is stable: scripts and tests branch on it, so a
+ * code is never renamed or reused for another condition. `docs/errors.md` documents each
+ * one, and a test keeps the two in step.
+ */
+export const ERROR_CODES = {
+  ERR_INVALID_ARGUMENT: 'invalid-argument',
+  ERR_OUT_OF_BOUNDS: 'out-of-bounds',
+  ERR_ABORTED: 'cancelled',
+  ERR_TIMEOUT: 'timeout',
+  ERR_NOT_IMPLEMENTED: 'unsupported',
+  ERR_INTERNAL: 'internal',
+
+  ERR_BITMAP_GRANULARITY: 'invalid-argument',
+  ERR_BITMAP_SIZE_MISMATCH: 'invalid-argument',
+  ERR_BITMAP_CORRUPT: 'corrupt',
+  ERR_BITMAP_NOT_FOUND: 'not-found',
+  ERR_BITMAP_EXISTS: 'invalid-argument',
+  ERR_BITMAP_NAME: 'invalid-argument',
+  ERR_BITMAP_BUSY: 'busy',
+  ERR_BITMAP_READONLY: 'permission',
+  ERR_BITMAP_INCONSISTENT: 'corrupt',
+  ERR_BITMAP_NO_SUCCESSOR: 'invalid-argument',
+  ERR_BITMAP_SYNC_MODE: 'invalid-argument',
+} as const;
+
+export type ErrorCode = keyof typeof ERROR_CODES;
+
+/** What a caller branches on. Protocol layers map kinds to QMP classes, NBD errnos, exit codes. */
+export type ErrorKind =
+  | 'io'
+  | 'invalid-argument'
+  | 'not-found'
+  | 'busy'
+  | 'permission'
+  | 'unsupported'
+  | 'corrupt'
+  | 'out-of-bounds'
+  | 'no-space'
+  | 'cancelled'
+  | 'timeout'
+  | 'internal';
+
+export function kindOf(code: ErrorCode): ErrorKind {
+  return ERROR_CODES[code];
+}

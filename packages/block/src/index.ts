@@ -1,0 +1,1 @@
+export type { BlockIO, BlockStatusExtent, WriteOptions, WriteZeroesOptions } from './io.js';

@@ -1,0 +1,1 @@
+export { haveTool, requireTools } from './require-tool.js';
