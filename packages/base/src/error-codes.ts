@@ -22,6 +22,23 @@ export const ERROR_CODES = {
   ERR_BITMAP_INCONSISTENT: 'corrupt',
   ERR_BITMAP_NO_SUCCESSOR: 'invalid-argument',
   ERR_BITMAP_SYNC_MODE: 'invalid-argument',
+  ERR_BITMAP_HAS_SUCCESSOR: 'busy',
+
+  ERR_REQLIST_CONFLICT: 'busy',
+
+  ERR_QCOW2_CORRUPT: 'corrupt',
+  ERR_QCOW2_UNKNOWN_FEATURE: 'unsupported',
+  ERR_QCOW2_NEEDS_REPAIR: 'corrupt',
+  ERR_QCOW2_READ_ONLY: 'permission',
+  ERR_QCOW2_CLOSED: 'invalid-argument',
+
+  ERR_IO: 'io',
+  ERR_NO_SPACE: 'no-space',
+  ERR_IO_UNSUPPORTED: 'unsupported',
+  ERR_FILE_NOT_FOUND: 'not-found',
+  ERR_PERMISSION_DENIED: 'permission',
+  ERR_READ_ONLY: 'permission',
+  ERR_CLOSED: 'invalid-argument',
 } as const;
 
 export type ErrorCode = keyof typeof ERROR_CODES;
