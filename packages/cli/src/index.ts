@@ -1,0 +1,1 @@
+export { runBitmapDemo } from './demo-bitmaps.js';
