@@ -6,18 +6,22 @@ import { ShearError, isPowerOfTwo, log2Exact } from '@shear/base';
  *
  * ```
  * Int32 index  0: magic   1: layout version   2: log2(granularity)   3: number of levels
- *              4,5: size in bytes (lo, hi)    6,7: bits (lo, hi)
- *  BigInt64 index 4 (Int32 8,9): count of set bits, changed only with Atomics.add
- *              10..15: reserved
- *              16..: level 0 (the bits), then level 1, 2, ... (summaries), each padded to 8 bytes
+ *              4,5: size in bytes (lo, hi)    6,7: bits (lo, hi)    8..15: reserved
+ *  bytes 64..2111: 32 count shards, one BigInt64 per 64-byte cache line
+ *  then: level 0 (the bits), then level 1, 2, ... (summaries), each padded to 8 bytes
  * ```
+ * The count of set bits is the sum of the shards. Each thread adds the bits it flips to its own
+ * shard (by threadId), so threads setting bits at once do not fight over one cache line.
  * Level k+1 holds one bit per word of level k: set when that word is non-zero. The top level is
  * a single word. Memory is one bit per granule plus about 1/31 of that for the summaries.
  */
 export const LAYOUT_MAGIC = 0x53484231; // "SHB1"
-export const LAYOUT_VERSION = 1;
-export const HEADER_INT32S = 16;
-export const COUNT_BIGINT_INDEX = 4;
+export const LAYOUT_VERSION = 2;
+export const COUNT_SHARDS = 32;
+/** BigInt64 index of shard 0; shards are 8 BigInt64s (64 bytes) apart. */
+export const COUNT_SHARD_FIRST = 8;
+export const COUNT_SHARD_STRIDE = 8;
+export const HEADER_INT32S = 16 + COUNT_SHARDS * 16;
 
 /** The smallest and largest granularity a raw bitmap accepts (named bitmaps are stricter). */
 export const MIN_GRANULARITY_BYTES = 1;
