@@ -26,6 +26,14 @@ export const ERROR_CODES = {
 
   ERR_REQLIST_CONFLICT: 'busy',
 
+  ERR_BLOCK_NODE_NAME: 'invalid-argument',
+  ERR_BLOCK_NODE_EXISTS: 'invalid-argument',
+  ERR_BLOCK_NODE_NOT_FOUND: 'not-found',
+  ERR_BLOCK_NODE_IN_USE: 'busy',
+  ERR_BLOCK_PERMISSION_CONFLICT: 'permission',
+  ERR_BLOCK_PERMISSION_MISSING: 'internal',
+  ERR_BLOCK_GRAPH: 'invalid-argument',
+
   ERR_QCOW2_CORRUPT: 'corrupt',
   ERR_QCOW2_UNKNOWN_FEATURE: 'unsupported',
   ERR_QCOW2_NEEDS_REPAIR: 'corrupt',

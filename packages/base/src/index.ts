@@ -3,3 +3,4 @@ export { ShearError, isShearError, toWire, fromWire, type ErrorContext, type Wir
 export { KiB, MiB, GiB, TiB, isPowerOfTwo, log2Exact, alignDown, alignUp, rangesOverlap, assertRange } from './range.js';
 export { DisposableStore, type AsyncDisposableLike, type DisposableLike } from './disposable.js';
 export { throwIfAborted } from './abort.js';
+export { Transaction, inTransaction, type TransactionAction } from './transaction.js';

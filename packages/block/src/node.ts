@@ -1,0 +1,213 @@
+import { ShearError } from '@shear/base';
+import { NodeBitmaps } from '@shear/dirty-bitmap';
+import type { BlockIO, BlockStatusExtent, WriteOptions, WriteZeroesOptions } from './io.js';
+import { PERM_WRITE, PERM_WRITE_UNCHANGED, permNames, type ChildPermsFn } from './permissions.js';
+
+/** A parent that is not a node: an export, a job, the CLI. */
+export interface BlockUser {
+  readonly kind: 'user';
+  readonly name: string;
+}
+
+export type Parent = BlockNode | BlockUser;
+
+export function parentName(p: Parent): string {
+  return p instanceof BlockNode ? `node "${p.name}"` : `user "${p.name}"`;
+}
+
+/**
+ * An edge from a parent to a child node, with a role (`file`, `backing`, `target`, ...) and the
+ * permissions the parent holds. Parents do all I/O on a child through its edge, so an edge that
+ * lacks a permission cannot be used for that kind of I/O. Graph edits move edges from one child
+ * to another (filter insertion); the edge object stays, so a driver holding it follows along.
+ */
+export class ChildEdge implements BlockIO {
+  readonly parent: Parent;
+  readonly role: string;
+  #child: BlockNode;
+  perm: number;
+  shared: number;
+  /** Whether perm/shared are derived from the parent node's driver (false: set by a user). */
+  readonly derived: boolean;
+
+  /** @internal Created by BlockGraph. */
+  constructor(parent: Parent, role: string, child: BlockNode, perm: number, shared: number, derived: boolean) {
+    this.parent = parent;
+    this.role = role;
+    this.#child = child;
+    this.perm = perm;
+    this.shared = shared;
+    this.derived = derived;
+  }
+
+  get child(): BlockNode {
+    return this.#child;
+  }
+
+  /** @internal Moves the edge to another child; only BlockGraph does this, inside a transaction. */
+  setChild(child: BlockNode): void {
+    this.#child.parentEdges.delete(this);
+    this.#child = child;
+    child.parentEdges.add(this);
+  }
+
+  get length(): number {
+    return this.#child.length;
+  }
+
+  #need(perm: number, op: string): void {
+    if ((this.perm & perm) === 0) {
+      throw new ShearError('ERR_BLOCK_PERMISSION_MISSING', `Cannot ${op} node "${this.#child.name}" from ${parentName(this.parent)}: the edge holds only [${permNames(this.perm).join(', ')}]`, { node: this.#child.name, op });
+    }
+  }
+
+  read(offset: number, buf: Uint8Array): Promise<void> {
+    return this.#child.read(offset, buf);
+  }
+  write(offset: number, buf: Uint8Array, opts?: WriteOptions): Promise<void> {
+    this.#need(PERM_WRITE | PERM_WRITE_UNCHANGED, 'write to');
+    return this.#child.write(offset, buf, opts);
+  }
+  writeZeroes(offset: number, bytes: number, opts?: WriteZeroesOptions): Promise<void> {
+    this.#need(PERM_WRITE | PERM_WRITE_UNCHANGED, 'write zeroes to');
+    return this.#child.writeZeroes(offset, bytes, opts);
+  }
+  discard(offset: number, bytes: number): Promise<void> {
+    this.#need(PERM_WRITE, 'discard on');
+    return this.#child.discard(offset, bytes);
+  }
+  flush(): Promise<void> {
+    return this.#child.flush();
+  }
+  blockStatus(offset: number, bytes: number): Promise<BlockStatusExtent[]> {
+    return this.#child.blockStatus(offset, bytes);
+  }
+  /** Closing an edge never closes the child: the graph owns nodes. */
+  async close(): Promise<void> {}
+}
+
+/** What a driver declares about itself to the graph. */
+export interface DriverInfo {
+  /** QEMU's driver name (`file`, `qcow2`, `copy-before-write`, ...). */
+  name: string;
+  childPerms: ChildPermsFn;
+  /** A filter is transparent: it has one primary child and the same content (QEMU's is_filter). */
+  isFilter?: boolean;
+  /** Bytes per cluster of the format, if it has clusters; used for default bitmap granularity. */
+  clusterBytes?: number;
+}
+
+/**
+ * A node of the block graph: a driver instance plus its name, edges and dirty bitmaps.
+ *
+ * Every write through the node (write, write zeroes, discard) sets the node's recording dirty
+ * bitmaps for the range after the driver is done with it and before the caller is answered,
+ * also when the driver fails (a failed write may have changed part of the range). So no write
+ * can complete without being tracked.
+ */
+export class BlockNode implements BlockIO {
+  readonly name: string;
+  readonly info: DriverInfo;
+  readonly readOnly: boolean;
+  /** Edges to this node's children, in the order the driver declared them. */
+  readonly childEdges: ChildEdge[] = [];
+  /** Edges from this node's parents; maintained by ChildEdge and BlockGraph. */
+  readonly parentEdges = new Set<ChildEdge>();
+  #driver: BlockIO | null = null;
+  #bitmaps: NodeBitmaps | null = null;
+
+  /** @internal Created by BlockGraph.addNode. */
+  constructor(name: string, info: DriverInfo, readOnly: boolean) {
+    this.name = name;
+    this.info = info;
+    this.readOnly = readOnly;
+  }
+
+  /** @internal Installs the opened driver. */
+  attachDriver(driver: BlockIO): void {
+    this.#driver = driver;
+    this.#bitmaps = new NodeBitmaps(this.name, driver.length, this.info.clusterBytes !== undefined ? { clusterBytes: this.info.clusterBytes } : {});
+  }
+
+  get driver(): BlockIO {
+    if (!this.#driver) throw new ShearError('ERR_CLOSED', `Cannot use node "${this.name}": it is not open`, { node: this.name });
+    return this.#driver;
+  }
+
+  get isOpen(): boolean {
+    return this.#driver !== null;
+  }
+
+  get bitmaps(): NodeBitmaps {
+    if (!this.#bitmaps) throw new ShearError('ERR_CLOSED', `Cannot use node "${this.name}": it is not open`, { node: this.name });
+    return this.#bitmaps;
+  }
+
+  get length(): number {
+    return this.driver.length;
+  }
+
+  child(role: string): ChildEdge | undefined {
+    return this.childEdges.find((e) => e.role === role);
+  }
+
+  /** The cumulative needs of the parents: OR of perms, AND of shared. */
+  parentPerms(): { perm: number; shared: number } {
+    let perm = 0;
+    let shared = -1;
+    for (const e of this.parentEdges) {
+      perm |= e.perm;
+      shared &= e.shared;
+    }
+    return { perm, shared: shared & 0xf };
+  }
+
+  read(offset: number, buf: Uint8Array): Promise<void> {
+    return this.driver.read(offset, buf);
+  }
+
+  async write(offset: number, buf: Uint8Array, opts?: WriteOptions): Promise<void> {
+    try {
+      await this.driver.write(offset, buf, opts);
+    } finally {
+      this.#markDirty(offset, buf.length);
+    }
+  }
+
+  async writeZeroes(offset: number, bytes: number, opts?: WriteZeroesOptions): Promise<void> {
+    try {
+      await this.driver.writeZeroes(offset, bytes, opts);
+    } finally {
+      this.#markDirty(offset, bytes);
+    }
+  }
+
+  async discard(offset: number, bytes: number): Promise<void> {
+    try {
+      await this.driver.discard(offset, bytes);
+    } finally {
+      this.#markDirty(offset, bytes);
+    }
+  }
+
+  flush(): Promise<void> {
+    return this.driver.flush();
+  }
+
+  blockStatus(offset: number, bytes: number): Promise<BlockStatusExtent[]> {
+    return this.driver.blockStatus(offset, bytes);
+  }
+
+  /** @internal Closes the driver; BlockGraph.removeNode is the public way. */
+  async close(): Promise<void> {
+    const d = this.#driver;
+    this.#driver = null;
+    await d?.close();
+  }
+
+  #markDirty(offset: number, bytes: number): void {
+    // Out-of-range requests were refused by the driver and changed nothing.
+    if (bytes > 0 && offset >= 0 && offset + bytes <= this.length) this.#bitmaps?.markDirty(offset, bytes);
+  }
+}
+
