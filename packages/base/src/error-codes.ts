@@ -34,6 +34,11 @@ export const ERROR_CODES = {
   ERR_BLOCK_PERMISSION_MISSING: 'internal',
   ERR_BLOCK_GRAPH: 'invalid-argument',
 
+  ERR_COPY_READ_FAILED: 'io',
+  ERR_COPY_WRITE_FAILED: 'io',
+  ERR_COPY_WORKER_DIED: 'io',
+  ERR_COPY_DISCARDED: 'invalid-argument',
+
   ERR_QCOW2_CORRUPT: 'corrupt',
   ERR_QCOW2_UNKNOWN_FEATURE: 'unsupported',
   ERR_QCOW2_NEEDS_REPAIR: 'corrupt',

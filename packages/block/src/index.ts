@@ -1,4 +1,5 @@
 export type { BlockIO, BlockStatusExtent, WriteOptions, WriteZeroesOptions } from './io.js';
+export { isHostMappable, type HostExtent, type HostMappable, type WriteMapping } from './host-mapping.js';
 export {
   PERM_CONSISTENT_READ,
   PERM_WRITE,
@@ -16,6 +17,7 @@ export {
 export { BlockNode, ChildEdge, parentName, type BlockUser, type Parent, type DriverInfo } from './node.js';
 export { BlockGraph, type AddNodeSpec, type ChildSpec } from './graph.js';
 export { checkNodeName, MAX_NODE_NAME_CHARS } from './node-name.js';
-export { MemoryDriver, type MemoryDriverOptions } from './drivers/memory.js';
-export { NullDriver } from './drivers/null.js';
-export { FileDriver, type FileDriverOptions } from './drivers/file.js';
+export { FileDriver, ZERO_CHUNK_BYTES, BOUNCE_CHUNK_BYTES, BLOCK_STATUS_MAX_EXTENTS, DEFAULT_DIRECT_ALIGNMENT_BYTES, type FileDriverOptions } from './drivers/file.js';
+export { NullDriver, NULL_DEFAULT_LENGTH_BYTES, type NullDriverOptions } from './drivers/null.js';
+export { MemoryDriver, DEFAULT_MEMORY_CHUNK_BYTES, type MemoryDriverOptions } from './drivers/memory.js';
+export { runBlockIOConformance, type BlockIOFactory } from './drivers/conformance.js';

@@ -1,6 +1,9 @@
 import { ShearError } from '@shear/base';
 import { NodeBitmaps } from '@shear/dirty-bitmap';
 import type { BlockIO, BlockStatusExtent, WriteOptions, WriteZeroesOptions } from './io.js';
+import { isHostMappable, type HostMappable, type WriteMapping } from './host-mapping.js';
+import { FileDriver } from './drivers/file.js';
+import { fileMapping } from './drivers/file-mapping.js';
 import { PERM_WRITE, PERM_WRITE_UNCHANGED, permNames, type ChildPermsFn } from './permissions.js';
 
 /** A parent that is not a node: an export, a job, the CLI. */
@@ -82,6 +85,19 @@ export class ChildEdge implements BlockIO {
   blockStatus(offset: number, bytes: number): Promise<BlockStatusExtent[]> {
     return this.#child.blockStatus(offset, bytes);
   }
+  /** Direct host access for worker threads, with this edge's permissions; undefined if the child cannot be mapped. */
+  hostMapping(): HostMappable | undefined {
+    const m = this.#child.hostMapping();
+    if (!m) return undefined;
+    return {
+      mapRead: (offset, bytes) => m.mapRead(offset, bytes),
+      mapWrite: (offset, bytes) => {
+        this.#need(PERM_WRITE | PERM_WRITE_UNCHANGED, 'write to');
+        return m.mapWrite(offset, bytes);
+      },
+    };
+  }
+
   /** Closing an edge never closes the child: the graph owns nodes. */
   async close(): Promise<void> {}
 }
@@ -196,6 +212,41 @@ export class BlockNode implements BlockIO {
 
   blockStatus(offset: number, bytes: number): Promise<BlockStatusExtent[]> {
     return this.driver.blockStatus(offset, bytes);
+  }
+
+  /**
+   * Direct host access to the node's data for worker threads, or undefined when the driver
+   * cannot offer it (memory, O_DIRECT files, remote nodes): then I/O goes through the node.
+   * Writes made through a mapping mark the node's dirty bitmaps when they are committed or
+   * aborted, so they are tracked like every other write.
+   */
+  hostMapping(): HostMappable | undefined {
+    const d = this.driver;
+    const m = isHostMappable(d) ? d : d instanceof FileDriver ? fileMapping(d) : undefined;
+    if (!m) return undefined;
+    return {
+      mapRead: (offset, bytes) => m.mapRead(offset, bytes),
+      mapWrite: async (offset, bytes): Promise<WriteMapping> => {
+        const w = await m.mapWrite(offset, bytes);
+        return {
+          extents: w.extents,
+          commit: async () => {
+            try {
+              await w.commit();
+            } finally {
+              this.#markDirty(offset, bytes);
+            }
+          },
+          abort: async () => {
+            try {
+              await w.abort();
+            } finally {
+              this.#markDirty(offset, bytes);
+            }
+          },
+        };
+      },
+    };
   }
 
   /** @internal Closes the driver; BlockGraph.removeNode is the public way. */
