@@ -1,0 +1,187 @@
+import { ShearError, fromWire } from '@shear/base';
+import type { BlockIO, BlockStatusExtent, HostMappable } from '@shear/block';
+import type { CopyWorkerPool } from './pool.js';
+import type { CopyTaskMessage } from './protocol.js';
+
+/** One side of a copy: the node's I/O, and direct host access when the node offers it. */
+export interface CopyEndpoint {
+  io: BlockIO;
+  mapping?: HostMappable | undefined;
+}
+
+export interface ExecuteContext {
+  source: CopyEndpoint;
+  target: CopyEndpoint;
+  /** Absent: the coordinator moves the bytes itself (inline mode, or unmappable nodes). */
+  pool?: CopyWorkerPool | undefined;
+  chunkBytes: number;
+  dropCache: boolean;
+  /** sync=top: ranges the source does not allocate itself are left out. */
+  skipUnallocated: boolean;
+  /** The target already reads as zeroes (freshly created): zero ranges need no write at all. */
+  targetIsZero: boolean;
+  cancel: Int32Array;
+  cancelIndex: number;
+}
+
+export type RangeOutcome =
+  | { ok: true; copiedBytes: number; skippedBytes: number }
+  | { ok: false; error: ShearError; doneBytes: number; copiedBytes: number; skippedBytes: number };
+
+type Run = { offset: number; bytes: number; action: 'skip' | 'zero' | 'data' };
+
+/**
+ * Copies one claimed range: asks the source which parts hold data, skips or zeroes the rest in
+ * one request per run, and moves the data runs through a worker (when both sides are
+ * mappable) or through the coordinator. Never throws: the outcome says how far it got, so the
+ * caller can give back exactly the clusters that were not copied.
+ */
+export async function executeRange(ctx: ExecuteContext, offset: number, bytes: number): Promise<RangeOutcome> {
+  let done = 0;
+  let copiedBytes = 0;
+  let skippedBytes = 0;
+  try {
+    for (const run of await planRuns(ctx, offset, bytes)) {
+      if (Atomics.load(ctx.cancel, ctx.cancelIndex) !== 0) {
+        throw new ShearError('ERR_ABORTED', 'Cannot finish copy task: it was cancelled', { offset: run.offset });
+      }
+      if (run.action === 'skip') {
+        skippedBytes += run.bytes;
+      } else if (run.action === 'zero') {
+        await writeZeroes(ctx.target.io, run.offset, run.bytes);
+        skippedBytes += run.bytes;
+      } else {
+        const r = await copyData(ctx, run.offset, run.bytes);
+        if (!r.ok) {
+          return { ok: false, error: r.error, doneBytes: run.offset - offset + r.doneBytes, copiedBytes: copiedBytes + r.doneBytes, skippedBytes };
+        }
+        copiedBytes += run.bytes;
+      }
+      done = run.offset + run.bytes - offset;
+    }
+  } catch (err) {
+    const error = err instanceof ShearError ? err : new ShearError('ERR_INTERNAL', `Cannot copy (${offset}, ${bytes}): ${(err as Error).message}`, { offset, bytes }, { cause: err });
+    return { ok: false, error, doneBytes: done, copiedBytes, skippedBytes };
+  }
+  return { ok: true, copiedBytes, skippedBytes };
+}
+
+async function planRuns(ctx: ExecuteContext, offset: number, bytes: number): Promise<Run[]> {
+  const runs: Run[] = [];
+  let at = offset;
+  const end = offset + bytes;
+  while (at < end) {
+    let extents: BlockStatusExtent[];
+    try {
+      extents = await ctx.source.io.blockStatus(at, end - at);
+    } catch (err) {
+      throw readError(err, at, end - at, 'block-status');
+    }
+    if (extents.length === 0) throw new ShearError('ERR_INTERNAL', `Cannot copy (${at}, ${end - at}): the source reported no block status`);
+    for (const e of extents) {
+      const from = Math.max(e.offset, at);
+      const to = Math.min(e.offset + e.bytes, end);
+      if (to <= from) continue;
+      const action: Run['action'] =
+        ctx.skipUnallocated && !e.allocated ? 'skip' : e.zero ? (ctx.targetIsZero ? 'skip' : 'zero') : 'data';
+      const last = runs.at(-1);
+      if (last && last.action === action && last.offset + last.bytes === from) last.bytes += to - from;
+      else runs.push({ offset: from, bytes: to - from, action });
+      at = to;
+    }
+  }
+  return runs;
+}
+
+function readError(err: unknown, offset: number, bytes: number, op: string): ShearError {
+  if (err instanceof ShearError && err.kind !== 'io') return err;
+  return new ShearError('ERR_COPY_READ_FAILED', `Cannot copy (${offset}, ${bytes}): reading the source failed: ${(err as Error).message}`, { offset, bytes, op, ...errnoOf(err) }, { cause: err });
+}
+
+function writeError(err: unknown, offset: number, bytes: number): ShearError {
+  if (err instanceof ShearError && err.kind !== 'io') return err;
+  return new ShearError('ERR_COPY_WRITE_FAILED', `Cannot copy (${offset}, ${bytes}): writing the target failed: ${(err as Error).message}`, { offset, bytes, op: 'write', ...errnoOf(err) }, { cause: err });
+}
+
+function errnoOf(err: unknown): { errno?: string } {
+  const e = (err as ShearError)?.context?.errno;
+  return typeof e === 'string' ? { errno: e } : {};
+}
+
+async function writeZeroes(target: BlockIO, offset: number, bytes: number): Promise<void> {
+  try {
+    await target.writeZeroes(offset, bytes, { mayUnmap: true });
+  } catch (err) {
+    throw writeError(err, offset, bytes);
+  }
+}
+
+type DataOutcome = { ok: true } | { ok: false; error: ShearError; doneBytes: number };
+
+async function copyData(ctx: ExecuteContext, offset: number, bytes: number): Promise<DataOutcome> {
+  if (ctx.pool && ctx.source.mapping && ctx.target.mapping) return copyThroughWorker(ctx, ctx.pool, offset, bytes);
+  return copyInline(ctx, offset, bytes);
+}
+
+async function copyThroughWorker(ctx: ExecuteContext, pool: CopyWorkerPool, offset: number, bytes: number): Promise<DataOutcome> {
+  let src;
+  try {
+    src = await ctx.source.mapping!.mapRead(offset, bytes);
+  } catch (err) {
+    return { ok: false, error: readError(err, offset, bytes, 'map'), doneBytes: 0 };
+  }
+  let dst;
+  try {
+    dst = await ctx.target.mapping!.mapWrite(offset, bytes);
+  } catch (err) {
+    return { ok: false, error: writeError(err, offset, bytes), doneBytes: 0 };
+  }
+  const task: CopyTaskMessage = {
+    offset,
+    bytes,
+    src,
+    dst: dst.extents,
+    chunkBytes: ctx.chunkBytes,
+    dropCache: ctx.dropCache,
+    cancel: ctx.cancel.buffer as SharedArrayBuffer,
+    cancelIndex: ctx.cancelIndex,
+  };
+  const result = await pool.run(task);
+  if (result.ok) {
+    try {
+      await dst.commit();
+    } catch (err) {
+      return { ok: false, error: writeError(err, offset, bytes), doneBytes: 0 };
+    }
+    return { ok: true };
+  }
+  // Data written before the failure is in place; a format links it only on commit, so a
+  // partial result is given back whole unless the mapping needs no commit. Keep it simple:
+  // abort the mapping and report nothing done.
+  await dst.abort().catch(() => {});
+  return { ok: false, error: fromWire(result.error), doneBytes: 0 };
+}
+
+async function copyInline(ctx: ExecuteContext, offset: number, bytes: number): Promise<DataOutcome> {
+  const buf = new Uint8Array(Math.min(ctx.chunkBytes, bytes));
+  let done = 0;
+  while (done < bytes) {
+    if (Atomics.load(ctx.cancel, ctx.cancelIndex) !== 0) {
+      return { ok: false, error: new ShearError('ERR_ABORTED', 'Cannot finish copy task: it was cancelled', { offset: offset + done }), doneBytes: done };
+    }
+    const n = Math.min(buf.length, bytes - done);
+    const piece = buf.subarray(0, n);
+    try {
+      await ctx.source.io.read(offset + done, piece);
+    } catch (err) {
+      return { ok: false, error: readError(err, offset + done, n, 'read'), doneBytes: done };
+    }
+    try {
+      await ctx.target.io.write(offset + done, piece);
+    } catch (err) {
+      return { ok: false, error: writeError(err, offset + done, n), doneBytes: done };
+    }
+    done += n;
+  }
+  return { ok: true };
+}

@@ -1,0 +1,156 @@
+import { readSync, writeSync } from 'node:fs';
+import { performance } from 'node:perf_hooks';
+import { deflateRawSync } from 'node:zlib';
+import { ShearError, fromWire, toWire, type ErrorCode } from '@shear/base';
+import type { HostExtent } from '@shear/block';
+import { SYNC_FILE_RANGE, errnoName, getNative, type NativeIO } from '@shear/native';
+import type { CompressedCluster, CopyTaskMessage, CopyTaskResult } from '../protocol.js';
+
+/**
+ * The worker side of block-copy: synchronous pread/pwrite on the fds the coordinator mapped.
+ * A worker thread runs one task at a time, so blocking calls cost nothing but this thread,
+ * and one buffer per thread bounds memory whatever the disk size.
+ *
+ * Runs in worker threads and, for tests, in-process; owns nothing but its buffer.
+ */
+
+let buffer: Buffer = Buffer.alloc(0);
+function bufferOf(bytes: number): Buffer {
+  if (buffer.length < bytes) buffer = Buffer.allocUnsafe(bytes);
+  return buffer;
+}
+
+/** The last piece this thread wrote per fd, flushed and dropped when the next one is written. */
+const lastWritten = new Map<number, { offset: number; bytes: number }>();
+
+export function runCopyTask(task: CopyTaskMessage, native: NativeIO = getNative()): CopyTaskResult {
+  const t0 = performance.now();
+  const cancel = new Int32Array(task.cancel);
+  let done = 0;
+  let zeroBytes = 0;
+  const compressed: CompressedCluster[] = [];
+  try {
+    while (done < task.bytes) {
+      if (Atomics.load(cancel, task.cancelIndex) !== 0) {
+        return { ok: false, error: toWire(new ShearError('ERR_ABORTED', 'Cannot finish copy task: it was cancelled', { offset: task.offset + done })), doneBytes: done };
+      }
+      const n = Math.min(task.chunkBytes, task.bytes - done);
+      const buf = bufferOf(n).subarray(0, n);
+      zeroBytes += readPiece(task, done, buf);
+      if (task.compressClusterBytes) {
+        compressPiece(task, done, buf, compressed);
+      } else {
+        writePiece(task, done, buf, native);
+      }
+      done += n;
+    }
+  } catch (err) {
+    return { ok: false, error: toWire(err), doneBytes: done };
+  }
+  const result: CopyTaskResult = { ok: true, bytes: task.bytes, zeroBytes, ms: performance.now() - t0 };
+  if (task.compressClusterBytes) result.compressed = compressed;
+  return result;
+}
+
+/** Calls `fn` for each part of `extents` inside [at, at + bytes), with the position in that window. */
+function forEachPiece(extents: HostExtent[], at: number, bytes: number, fn: (e: HostExtent, within: number, pos: number, n: number) => void): void {
+  let base = 0;
+  for (const e of extents) {
+    const end = base + e.bytes;
+    if (end > at && base < at + bytes) {
+      const from = Math.max(at, base);
+      const to = Math.min(at + bytes, end);
+      fn(e, from - base, from - at, to - from);
+    }
+    base = end;
+    if (base >= at + bytes) break;
+  }
+}
+
+function ioFailure(code: ErrorCode, task: CopyTaskMessage, pos: number, bytes: number, op: string, err: unknown): ShearError {
+  if (err instanceof ShearError) return err;
+  const errno = errnoName(err);
+  const what = op === 'read' ? 'read from source' : 'write to target';
+  return new ShearError(
+    errno === 'ENOSPC' ? 'ERR_NO_SPACE' : code,
+    `Cannot copy (${task.offset + pos}, ${bytes}): ${what} failed: ${(err as Error).message}`,
+    { offset: task.offset + pos, bytes, op, ...(errno ? { errno } : {}) },
+    { cause: err },
+  );
+}
+
+/** Fills `buf` with the source bytes at [at, at + buf.length); returns how many were zero extents. */
+function readPiece(task: CopyTaskMessage, at: number, buf: Buffer): number {
+  let zero = 0;
+  forEachPiece(task.src, at, buf.length, (e, within, pos, n) => {
+    if (e.kind === 'zero') {
+      buf.fill(0, pos, pos + n);
+      zero += n;
+    } else if (e.kind === 'error') {
+      throw fromWire(e.error);
+    } else {
+      let got = 0;
+      while (got < n) {
+        let r: number;
+        try {
+          r = readSync(e.fd, buf, pos + got, n - got, e.hostOffset + within + got);
+        } catch (err) {
+          throw ioFailure('ERR_COPY_READ_FAILED', task, at + pos + got, n - got, 'read', err);
+        }
+        // A file shorter than the node reads as zeroes past its end, like the file driver.
+        if (r === 0) {
+          buf.fill(0, pos + got, pos + n);
+          break;
+        }
+        got += r;
+      }
+    }
+  });
+  return zero;
+}
+
+function writePiece(task: CopyTaskMessage, at: number, buf: Buffer, native: NativeIO): void {
+  forEachPiece(task.dst, at, buf.length, (e, within, pos, n) => {
+    if (e.kind === 'error') throw fromWire(e.error);
+    if (e.kind !== 'fd') throw new ShearError('ERR_INTERNAL', 'Cannot write a copy task: target extent is not a file extent');
+    const hostOffset = e.hostOffset + within;
+    let put = 0;
+    while (put < n) {
+      try {
+        put += writeSync(e.fd, buf, pos + put, n - put, hostOffset + put);
+      } catch (err) {
+        throw ioFailure('ERR_COPY_WRITE_FAILED', task, at + pos + put, n - put, 'write', err);
+      }
+    }
+    if (task.dropCache) paceWriteback(e.fd, hostOffset, n, native);
+  });
+}
+
+/**
+ * Starts writeback of the piece just written, waits for the previous piece of the same fd and
+ * drops it from the page cache: written data never piles up as dirty pages, so the final
+ * fsync has little left to do (the trick nbdcopy uses). Best effort: errors here are ignored,
+ * the final flush reports real write errors.
+ */
+function paceWriteback(fd: number, offset: number, bytes: number, native: NativeIO): void {
+  try {
+    native.syncFileRange(fd, offset, bytes, SYNC_FILE_RANGE.WRITE);
+    const prev = lastWritten.get(fd);
+    if (prev) {
+      native.syncFileRange(fd, prev.offset, prev.bytes, SYNC_FILE_RANGE.WAIT_BEFORE | SYNC_FILE_RANGE.WRITE | SYNC_FILE_RANGE.WAIT_AFTER);
+      native.fadvise(fd, prev.offset, prev.bytes, 'dontneed');
+    }
+  } catch {
+    // Pacing is an optimisation; correctness comes from the flush at the end.
+  }
+  lastWritten.set(fd, { offset, bytes });
+}
+
+/** Deflates each whole cluster of the piece (raw deflate, as qcow2 stores compressed clusters). */
+function compressPiece(task: CopyTaskMessage, at: number, buf: Buffer, out: CompressedCluster[]): void {
+  const cluster = task.compressClusterBytes!;
+  for (let pos = 0; pos < buf.length; pos += cluster) {
+    const data = buf.subarray(pos, Math.min(buf.length, pos + cluster));
+    out.push({ offset: task.offset + at + pos, data: new Uint8Array(deflateRawSync(data)) });
+  }
+}
