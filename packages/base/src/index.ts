@@ -4,3 +4,4 @@ export { KiB, MiB, GiB, TiB, isPowerOfTwo, log2Exact, alignDown, alignUp, ranges
 export { DisposableStore, type AsyncDisposableLike, type DisposableLike } from './disposable.js';
 export { throwIfAborted } from './abort.js';
 export { Transaction, inTransaction, type TransactionAction } from './transaction.js';
+export { ArgReader } from './args.js';

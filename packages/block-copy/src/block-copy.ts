@@ -3,7 +3,7 @@ import { performance } from 'node:perf_hooks';
 import { ShearError, alignDown, alignUp, isPowerOfTwo, MiB } from '@shear/base';
 import { SharedBitmap } from '@shear/bitmap';
 import { RequestTable, type InFlightRequest } from '@shear/reqlist';
-import { executeRange, type CopyEndpoint, type RangeOutcome } from './execute-range.js';
+import { executeRange, type CompressTarget, type CopyEndpoint, type RangeOutcome } from './execute-range.js';
 import type { CopyWorkerPool } from './pool.js';
 import { RateLimiter } from './rate-limit.js';
 
@@ -45,6 +45,8 @@ export interface BlockCopyOptions {
   dropCache?: boolean;
   retryAttempts?: number;
   retryBackoffMs?: number;
+  /** Write deflated clusters through this (a qcow2 target); the cluster size must equal clusterBytes. */
+  compress?: CompressTarget;
 }
 
 export interface CopyProgress {
@@ -100,6 +102,7 @@ export class BlockCopy extends EventEmitter {
   readonly #source: CopyEndpoint;
   readonly #target: CopyEndpoint;
   readonly #pool: CopyWorkerPool | undefined;
+  readonly #compress: CompressTarget | undefined;
   readonly #maxTasks: number;
   readonly #maxInFlightBytes: number;
   readonly #rate: RateLimiter;
@@ -134,6 +137,10 @@ export class BlockCopy extends EventEmitter {
     this.maxChunkBytes = alignDown(chunk, this.clusterBytes);
     this.length = opts.length;
     this.copyBitmap = SharedBitmap.create(Math.max(1, opts.length), this.clusterBytes);
+    if (opts.compress && opts.compress.clusterBytes !== this.clusterBytes) {
+      throw new ShearError('ERR_INVALID_ARGUMENT', `Cannot copy compressed: the copy cluster size ${this.clusterBytes} must equal the target's cluster size ${opts.compress.clusterBytes}`);
+    }
+    this.#compress = opts.compress;
     this.#source = opts.source;
     this.#target = opts.target;
     this.#pool = opts.singleTask && opts.pool && opts.pool.workers !== 1 ? undefined : opts.pool;
@@ -351,7 +358,9 @@ export class BlockCopy extends EventEmitter {
     if (!outcome.ok && !discarded) {
       // Clusters wholly before doneBytes are in place; the rest go back (or are retried).
       const doneEnd = t.offset + alignDown(outcome.doneBytes, this.clusterBytes);
-      const retry = outcome.error.code !== 'ERR_ABORTED' && !t.cancelled && t.attempts < this.#opts.retryAttempts && !this.#failure;
+      // Only I/O errors are worth retrying (a flaky disk, a worker that died); a full disk or a
+      // refused request fails the same way again.
+      const retry = outcome.error.kind === 'io' && !t.cancelled && t.attempts < this.#opts.retryAttempts && !this.#failure;
       if (retry && doneEnd < t.offset + t.bytes) {
         t.attempts++;
         t.bytes = t.offset + t.bytes - doneEnd;
@@ -451,6 +460,7 @@ export class BlockCopy extends EventEmitter {
         targetIsZero: this.#opts.targetIsZero,
         cancel: this.#cancelWords,
         cancelIndex: t.cancelIndex,
+        compress: this.#compress,
       },
       t.offset,
       t.bytes,

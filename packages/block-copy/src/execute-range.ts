@@ -1,3 +1,5 @@
+import { promisify } from 'node:util';
+import { deflateRaw } from 'node:zlib';
 import { ShearError, fromWire } from '@shear/base';
 import type { BlockIO, BlockStatusExtent, HostMappable } from '@shear/block';
 import type { CopyWorkerPool } from './pool.js';
@@ -22,7 +24,16 @@ export interface ExecuteContext {
   targetIsZero: boolean;
   cancel: Int32Array;
   cancelIndex: number;
+  /** Store whole clusters deflated (qcow2 compressed clusters), as QEMU's backup `compress`. */
+  compress?: CompressTarget | undefined;
 }
+
+export interface CompressTarget {
+  clusterBytes: number;
+  writeCompressed(offset: number, data: Uint8Array): Promise<void>;
+}
+
+const deflateRawAsync = promisify(deflateRaw);
 
 export type RangeOutcome =
   | { ok: true; copiedBytes: number; skippedBytes: number }
@@ -119,20 +130,21 @@ async function writeZeroes(target: BlockIO, offset: number, bytes: number): Prom
 type DataOutcome = { ok: true } | { ok: false; error: ShearError; doneBytes: number };
 
 async function copyData(ctx: ExecuteContext, offset: number, bytes: number): Promise<DataOutcome> {
-  if (ctx.pool && ctx.source.mapping && ctx.target.mapping) return copyThroughWorker(ctx, ctx.pool, offset, bytes);
+  if (ctx.compress) return copyCompressed(ctx, ctx.compress, offset, bytes);
+  if (ctx.pool && ctx.source.mapping?.mapRead && ctx.target.mapping?.mapWrite) return copyThroughWorker(ctx, ctx.pool, offset, bytes);
   return copyInline(ctx, offset, bytes);
 }
 
 async function copyThroughWorker(ctx: ExecuteContext, pool: CopyWorkerPool, offset: number, bytes: number): Promise<DataOutcome> {
   let src;
   try {
-    src = await ctx.source.mapping!.mapRead(offset, bytes);
+    src = await ctx.source.mapping!.mapRead!(offset, bytes);
   } catch (err) {
     return { ok: false, error: readError(err, offset, bytes, 'map'), doneBytes: 0 };
   }
   let dst;
   try {
-    dst = await ctx.target.mapping!.mapWrite(offset, bytes);
+    dst = await ctx.target.mapping!.mapWrite!(offset, bytes);
   } catch (err) {
     return { ok: false, error: writeError(err, offset, bytes), doneBytes: 0 };
   }
@@ -182,6 +194,56 @@ async function copyInline(ctx: ExecuteContext, offset: number, bytes: number): P
       return { ok: false, error: writeError(err, offset + done, n), doneBytes: done };
     }
     done += n;
+  }
+  return { ok: true };
+}
+
+/**
+ * Compressed copy: whole clusters are deflated (in a worker when the source is mappable: the
+ * CPU-bound case where more cores pay off), then stored by the target format in the coordinator,
+ * which owns the image metadata. Clusters deflate cannot shrink are written as they are.
+ */
+async function copyCompressed(ctx: ExecuteContext, compress: CompressTarget, offset: number, bytes: number): Promise<DataOutcome> {
+  let clusters: { offset: number; data: Uint8Array; compressed: boolean }[];
+  if (ctx.pool && ctx.source.mapping?.mapRead) {
+    let src;
+    try {
+      src = await ctx.source.mapping.mapRead(offset, bytes);
+    } catch (err) {
+      return { ok: false, error: readError(err, offset, bytes, 'map'), doneBytes: 0 };
+    }
+    const result = await ctx.pool.run({
+      offset, bytes, src, dst: [], chunkBytes: Math.max(compress.clusterBytes, Math.min(ctx.chunkBytes, bytes)), dropCache: false,
+      cancel: ctx.cancel.buffer as SharedArrayBuffer, cancelIndex: ctx.cancelIndex, compressClusterBytes: compress.clusterBytes,
+    });
+    if (!result.ok) return { ok: false, error: fromWire(result.error), doneBytes: 0 };
+    clusters = result.compressed ?? [];
+  } else {
+    const buf = new Uint8Array(bytes);
+    try {
+      await ctx.source.io.read(offset, buf);
+    } catch (err) {
+      return { ok: false, error: readError(err, offset, bytes, 'read'), doneBytes: 0 };
+    }
+    clusters = await Promise.all(
+      Array.from({ length: Math.ceil(bytes / compress.clusterBytes) }, async (_, i) => {
+        const data = buf.subarray(i * compress.clusterBytes, Math.min(bytes, (i + 1) * compress.clusterBytes));
+        const deflated = data.length === compress.clusterBytes ? await deflateRawAsync(data) : undefined;
+        return deflated && deflated.length < compress.clusterBytes
+          ? { offset: offset + i * compress.clusterBytes, data: new Uint8Array(deflated), compressed: true }
+          : { offset: offset + i * compress.clusterBytes, data, compressed: false };
+      }),
+    );
+  }
+  let done = 0;
+  for (const c of clusters) {
+    try {
+      if (c.compressed) await compress.writeCompressed(c.offset, c.data);
+      else await ctx.target.io.write(c.offset, c.data);
+    } catch (err) {
+      return { ok: false, error: writeError(err, c.offset, c.data.length), doneBytes: done };
+    }
+    done = c.offset + compress.clusterBytes - offset;
   }
   return { ok: true };
 }

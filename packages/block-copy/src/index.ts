@@ -12,5 +12,5 @@ export {
 } from './block-copy.js';
 export { CopyWorkerPool, defaultWorkerCount, type CopyWorkerPoolOptions } from './pool.js';
 export { RateLimiter, RATE_SLICE_MS } from './rate-limit.js';
-export { executeRange, type CopyEndpoint, type ExecuteContext, type RangeOutcome } from './execute-range.js';
+export { executeRange, type CompressTarget, type CopyEndpoint, type ExecuteContext, type RangeOutcome } from './execute-range.js';
 export type { CopyTaskMessage, CopyTaskResult, CompressedCluster } from './protocol.js';

@@ -40,4 +40,6 @@ export interface CompressedCluster {
   /** Guest offset of the cluster. */
   offset: number;
   data: Uint8Array;
+  /** False when deflate did not make the cluster smaller: `data` is the cluster as it is. */
+  compressed: boolean;
 }

@@ -27,12 +27,15 @@ export interface WriteMapping {
   abort(): Promise<void>;
 }
 
-/** Implemented by drivers whose data worker threads can reach directly. Coordinator-only calls. */
+/**
+ * Implemented by drivers whose data worker threads can reach directly; a driver may offer one
+ * direction only (a format that maps writes but not reads). Coordinator-only calls.
+ */
 export interface HostMappable {
-  mapRead(offset: number, bytes: number): Promise<HostExtent[]>;
-  mapWrite(offset: number, bytes: number): Promise<WriteMapping>;
+  mapRead?(offset: number, bytes: number): Promise<HostExtent[]>;
+  mapWrite?(offset: number, bytes: number): Promise<WriteMapping>;
 }
 
 export function isHostMappable(io: unknown): io is HostMappable {
-  return typeof (io as HostMappable)?.mapRead === 'function' && typeof (io as HostMappable)?.mapWrite === 'function';
+  return typeof (io as HostMappable)?.mapRead === 'function' || typeof (io as HostMappable)?.mapWrite === 'function';
 }

@@ -21,3 +21,6 @@ export { FileDriver, ZERO_CHUNK_BYTES, BOUNCE_CHUNK_BYTES, BLOCK_STATUS_MAX_EXTE
 export { NullDriver, NULL_DEFAULT_LENGTH_BYTES, type NullDriverOptions } from './drivers/null.js';
 export { MemoryDriver, DEFAULT_MEMORY_CHUNK_BYTES, type MemoryDriverOptions } from './drivers/memory.js';
 export { runBlockIOConformance, type BlockIOFactory } from './drivers/conformance.js';
+export { RawFormatDriver, RAW_SIZE_ALIGNMENT_BYTES, type RawFormatOptions } from './drivers/raw-format.js';
+export { BlkdebugDriver, type BlkdebugOptions } from './drivers/blkdebug.js';
+export { compareContent, COMPARE_CHUNK_BYTES } from './compare.js';

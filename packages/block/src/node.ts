@@ -4,7 +4,7 @@ import type { BlockIO, BlockStatusExtent, WriteOptions, WriteZeroesOptions } fro
 import { isHostMappable, type HostMappable, type WriteMapping } from './host-mapping.js';
 import { FileDriver } from './drivers/file.js';
 import { fileMapping } from './drivers/file-mapping.js';
-import { PERM_WRITE, PERM_WRITE_UNCHANGED, permNames, type ChildPermsFn } from './permissions.js';
+import { PERM_RESIZE, PERM_WRITE, PERM_WRITE_UNCHANGED, permNames, type ChildPermsFn } from './permissions.js';
 
 /** A parent that is not a node: an export, a job, the CLI. */
 export interface BlockUser {
@@ -85,17 +85,25 @@ export class ChildEdge implements BlockIO {
   blockStatus(offset: number, bytes: number): Promise<BlockStatusExtent[]> {
     return this.#child.blockStatus(offset, bytes);
   }
+  /** Resizes the child (a format growing its image file); needs the resize permission. */
+  truncate(length: number): Promise<void> {
+    this.#need(PERM_RESIZE, 'resize');
+    return this.#child.truncate(length);
+  }
   /** Direct host access for worker threads, with this edge's permissions; undefined if the child cannot be mapped. */
   hostMapping(): HostMappable | undefined {
     const m = this.#child.hostMapping();
     if (!m) return undefined;
-    return {
-      mapRead: (offset, bytes) => m.mapRead(offset, bytes),
-      mapWrite: (offset, bytes) => {
+    const mapped: HostMappable = {};
+    if (m.mapRead) mapped.mapRead = m.mapRead.bind(m);
+    if (m.mapWrite) {
+      const mapWrite = m.mapWrite.bind(m);
+      mapped.mapWrite = (offset, bytes) => {
         this.#need(PERM_WRITE | PERM_WRITE_UNCHANGED, 'write to');
-        return m.mapWrite(offset, bytes);
-      },
-    };
+        return mapWrite(offset, bytes);
+      };
+    }
+    return mapped;
   }
 
   /** Closing an edge never closes the child: the graph owns nodes. */
@@ -224,29 +232,39 @@ export class BlockNode implements BlockIO {
     const d = this.driver;
     const m = isHostMappable(d) ? d : d instanceof FileDriver ? fileMapping(d) : undefined;
     if (!m) return undefined;
-    return {
-      mapRead: (offset, bytes) => m.mapRead(offset, bytes),
-      mapWrite: async (offset, bytes): Promise<WriteMapping> => {
-        const w = await m.mapWrite(offset, bytes);
-        return {
-          extents: w.extents,
-          commit: async () => {
-            try {
-              await w.commit();
-            } finally {
-              this.#markDirty(offset, bytes);
-            }
-          },
-          abort: async () => {
-            try {
-              await w.abort();
-            } finally {
-              this.#markDirty(offset, bytes);
-            }
-          },
+    const mapped: HostMappable = {};
+    if (m.mapRead) mapped.mapRead = m.mapRead.bind(m);
+    if (m.mapWrite) {
+      const mapWrite = m.mapWrite.bind(m);
+      mapped.mapWrite = async (offset, bytes): Promise<WriteMapping> => {
+        const w = await mapWrite(offset, bytes);
+        const settle = (fn: () => Promise<void>) => async () => {
+          try {
+            await fn();
+          } finally {
+            this.#markDirty(offset, bytes);
+          }
         };
-      },
-    };
+        return { extents: w.extents, commit: settle(() => w.commit()), abort: settle(() => w.abort()) };
+      };
+    }
+    return mapped;
+  }
+
+  /**
+   * Changes the node's length, for drivers that can (files under a growing image format).
+   * @throws ERR_NOT_IMPLEMENTED when the driver cannot resize or the node has dirty bitmaps
+   */
+  async truncate(length: number): Promise<void> {
+    const d = this.driver as BlockIO & { truncate?: (length: number) => Promise<void> };
+    if (typeof d.truncate !== 'function') {
+      throw new ShearError('ERR_NOT_IMPLEMENTED', `Cannot resize node "${this.name}": driver "${this.info.name}" cannot resize`, { node: this.name });
+    }
+    if (this.bitmaps.list().length > 0) {
+      throw new ShearError('ERR_NOT_IMPLEMENTED', `Cannot resize node "${this.name}": resizing nodes with dirty bitmaps is not implemented`, { node: this.name });
+    }
+    await d.truncate(length);
+    this.#bitmaps = new NodeBitmaps(this.name, d.length, this.info.clusterBytes !== undefined ? { clusterBytes: this.info.clusterBytes } : {});
   }
 
   /** @internal Closes the driver; BlockGraph.removeNode is the public way. */

@@ -151,6 +151,9 @@ function compressPiece(task: CopyTaskMessage, at: number, buf: Buffer, out: Comp
   const cluster = task.compressClusterBytes!;
   for (let pos = 0; pos < buf.length; pos += cluster) {
     const data = buf.subarray(pos, Math.min(buf.length, pos + cluster));
-    out.push({ offset: task.offset + at + pos, data: new Uint8Array(deflateRawSync(data)) });
+    const deflated = data.length === cluster ? deflateRawSync(data) : undefined;
+    // A partial last cluster, or one deflate cannot shrink, is stored as it is.
+    if (deflated && deflated.length < cluster) out.push({ offset: task.offset + at + pos, data: new Uint8Array(deflated), compressed: true });
+    else out.push({ offset: task.offset + at + pos, data: Uint8Array.from(data), compressed: false });
   }
 }

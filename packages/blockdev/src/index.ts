@@ -1,0 +1,3 @@
+export { addBlockdev, peekQcow2Backing, type BlockdevContext } from './add-blockdev.js';
+export { qcow2Driver, type Qcow2Node } from './qcow2-node.js';
+export { createImage, type CreateImageOptions } from './create-image.js';

@@ -1,0 +1,284 @@
+import { rename, rm, stat, open as openFile } from 'node:fs/promises';
+import path from 'node:path';
+import { parseArgs } from 'node:util';
+import { performance } from 'node:perf_hooks';
+import { ShearError } from '@shear/base';
+import type { Logger } from '../logger.js';
+import { BlockGraph, PERM_ALL, PERM_CONSISTENT_READ, PERM_WRITE, PERM_WRITE_UNCHANGED, compareContent, type BlockNode } from '@shear/block';
+import { addBlockdev, createImage, type Qcow2Node } from '@shear/blockdev';
+import { BlockCopy, CopyWorkerPool, DEFAULT_MAX_CHUNK_BYTES, defaultWorkerCount } from '@shear/block-copy';
+import { EXIT } from '../exit-codes.js';
+import { ProgressBar, formatBytes } from '../progress-bar.js';
+import { parseSize } from '../parse-size.js';
+
+export const BACKUP_USAGE = `usage: shear backup --source PATH --target PATH [options]
+
+Copies a disk image to a new image, in parallel on worker threads.
+
+options:
+  --source-format raw|qcow2   format of the source (default: probed)
+  --target-format raw|qcow2   format of the target (default: raw)
+  --sync full|top             full: everything; top: only what the source's top layer
+                              allocates (qcow2 source; the target gets the same backing file)
+  --workers N                 worker threads (default: ${defaultWorkerCount()}, this machine's parallelism)
+  --max-chunk BYTES           largest copy task (default ${DEFAULT_MAX_CHUNK_BYTES / 2 ** 20}M; suffixes k, M, G)
+  --speed BYTES_PER_SEC       rate limit (default: none; suffixes k, M, G)
+  --compress                  write compressed clusters (qcow2 target)
+  --verify                    compare the target with the source afterwards; fail on any difference
+  --single-task               one task at a time on one worker (the single-coroutine baseline)
+  --force                     replace an existing target
+  --json                      print one JSON summary on stdout
+  --log-level LEVEL           pino log level on stderr (default: warn)`;
+
+export interface BackupSummary {
+  source: string;
+  target: string;
+  sync: 'full' | 'top';
+  bytes: number;
+  copiedBytes: number;
+  skippedBytes: number;
+  seconds: number;
+  mibPerSec: number;
+  workers: number;
+  singleTask: boolean;
+  compressed: boolean;
+  verified: boolean;
+}
+
+interface BackupArgs {
+  source: string;
+  target: string;
+  sourceFormat: 'raw' | 'qcow2' | undefined;
+  targetFormat: 'raw' | 'qcow2';
+  sync: 'full' | 'top';
+  workers: number;
+  maxChunk: number;
+  speed: number;
+  compress: boolean;
+  verify: boolean;
+  singleTask: boolean;
+  force: boolean;
+  json: boolean;
+}
+
+function usage(message: string): never {
+  throw new ShearError('ERR_INVALID_ARGUMENT', `${message}\n\n${BACKUP_USAGE}`);
+}
+
+function oneOf<T extends string>(value: string | undefined, allowed: readonly T[], what: string): T | undefined {
+  if (value === undefined) return undefined;
+  if (!allowed.includes(value as T)) usage(`Invalid ${what} "${value}": expected ${allowed.join(' or ')}`);
+  return value as T;
+}
+
+export function parseBackupArgs(argv: string[]): BackupArgs {
+  let values;
+  try {
+    ({ values } = parseArgs({
+      args: argv,
+      options: {
+        source: { type: 'string' },
+        target: { type: 'string' },
+        'source-format': { type: 'string' },
+        'target-format': { type: 'string' },
+        sync: { type: 'string' },
+        workers: { type: 'string' },
+        'max-chunk': { type: 'string' },
+        speed: { type: 'string' },
+        compress: { type: 'boolean' },
+        verify: { type: 'boolean' },
+        'single-task': { type: 'boolean' },
+        force: { type: 'boolean' },
+        json: { type: 'boolean' },
+        'log-level': { type: 'string' },
+      },
+      strict: true,
+      allowPositionals: false,
+    }));
+  } catch (err) {
+    usage((err as Error).message);
+  }
+  if (!values.source) usage('Missing --source');
+  if (!values.target) usage('Missing --target');
+  const workers = values.workers === undefined ? defaultWorkerCount() : Number(values.workers);
+  if (!Number.isInteger(workers) || workers < 1 || workers > 256) usage(`Invalid --workers "${values.workers}": expected an integer from 1 to 256`);
+  const maxChunk = values['max-chunk'] === undefined ? DEFAULT_MAX_CHUNK_BYTES : parseSize(values['max-chunk'], '--max-chunk');
+  if (maxChunk < 65536 || maxChunk > 1 << 30) usage(`Invalid --max-chunk ${maxChunk}: expected 64k to 1G`);
+  const targetFormat = oneOf(values['target-format'], ['raw', 'qcow2'] as const, '--target-format') ?? 'raw';
+  if (values.compress && targetFormat !== 'qcow2') usage('--compress needs --target-format qcow2');
+  return {
+    source: values.source,
+    target: values.target,
+    sourceFormat: oneOf(values['source-format'], ['raw', 'qcow2'] as const, '--source-format'),
+    targetFormat,
+    sync: oneOf(values.sync, ['full', 'top'] as const, '--sync') ?? 'full',
+    workers: values['single-task'] ? 1 : workers,
+    maxChunk,
+    speed: values.speed === undefined ? 0 : parseSize(values.speed, '--speed'),
+    compress: values.compress ?? false,
+    verify: values.verify ?? false,
+    singleTask: values['single-task'] ?? false,
+    force: values.force ?? false,
+    json: values.json ?? false,
+  };
+}
+
+async function probeFormat(file: string): Promise<'raw' | 'qcow2'> {
+  const fh = await openFile(file, 'r');
+  try {
+    const head = Buffer.alloc(4);
+    const { bytesRead } = await fh.read(head, 0, 4, 0);
+    return bytesRead === 4 && head.readUInt32BE(0) === 0x514649fb ? 'qcow2' : 'raw';
+  } finally {
+    await fh.close();
+  }
+}
+
+/** Opens an image read-only as a node: raw images as a plain file node (mappable by workers). */
+function openImage(graph: BlockGraph, file: string, format: 'raw' | 'qcow2', readOnly: boolean): Promise<BlockNode> {
+  const fileNode = { driver: 'file', filename: file, 'read-only': readOnly };
+  return addBlockdev(graph, format === 'raw' ? fileNode : { driver: 'qcow2', 'read-only': readOnly, file: fileNode });
+}
+
+/**
+ * One-shot backup. Writes into a hidden temporary file beside the target and renames it into
+ * place only after the copy (and the verification, if asked) succeeded and the data is on disk,
+ * so a failed or interrupted backup never leaves a file that looks finished.
+ */
+export async function runBackup(argv: string[], log: Logger, signal: AbortSignal): Promise<number> {
+  const args = parseBackupArgs(argv);
+  const t0 = performance.now();
+  const srcStat = await stat(args.source).catch((err) => {
+    throw new ShearError('ERR_FILE_NOT_FOUND', `Cannot read source "${args.source}": ${err.code === 'ENOENT' ? 'no such file' : err.message}`, { path: args.source }, { cause: err });
+  });
+  if (!srcStat.isFile()) throw new ShearError('ERR_INVALID_ARGUMENT', `Cannot back up "${args.source}": not a regular file`, { path: args.source });
+  const targetExists = await stat(args.target).then(() => true, () => false);
+  if (targetExists && !args.force) {
+    throw new ShearError('ERR_PERMISSION_DENIED', `Cannot write target "${args.target}": it already exists (use --force to replace it)`, { path: args.target });
+  }
+  const sourceFormat = args.sourceFormat ?? (await probeFormat(args.source));
+  const partial = path.join(path.dirname(args.target), `.${path.basename(args.target)}.shear-partial-${process.pid}`);
+
+  const graph = new BlockGraph();
+  let pool: CopyWorkerPool | undefined;
+  const progress = new ProgressBar();
+  let renamed = false;
+  try {
+    const src = await openImage(graph, args.source, sourceFormat, true);
+    const length = src.length;
+    let backingFile: string | undefined;
+    let backingFormat: string | undefined;
+    if (args.sync === 'top') {
+      if (sourceFormat !== 'qcow2' || args.targetFormat !== 'qcow2') usage('--sync top needs a qcow2 source and --target-format qcow2');
+      const backing = src.child('backing')?.child;
+      const fileOf = backing?.info.name === 'file' ? backing : backing?.child('file')?.child;
+      const backingDriver = fileOf?.isOpen ? (fileOf.driver as { path?: string }) : undefined;
+      if (backing && backingDriver?.path) {
+        backingFile = backingDriver.path;
+        backingFormat = backing.info.name === 'qcow2' ? 'qcow2' : 'raw';
+      }
+    }
+    await createImage({
+      path: partial,
+      format: args.targetFormat,
+      size: src.length,
+      ...(backingFile ? { backingFile, backingFormat: backingFormat! } : {}),
+    }).catch((err: ShearError) => {
+      throw new ShearError(err.code, `Cannot create target "${args.target}": ${err.message}`, { ...err.context, path: args.target }, { cause: err });
+    });
+    const tgt = await openImage(graph, partial, args.targetFormat, false);
+    const user = { kind: 'user' as const, name: 'backup' };
+    // An offline backup: nobody may write the source while it is read.
+    const srcEdge = graph.attachUser(user, src, PERM_CONSISTENT_READ, PERM_ALL & ~PERM_WRITE);
+    const tgtEdge = graph.attachUser(user, tgt, PERM_WRITE | PERM_CONSISTENT_READ, PERM_CONSISTENT_READ | PERM_WRITE_UNCHANGED);
+    const targetCluster = args.targetFormat === 'qcow2' ? (tgt.driver as Qcow2Node).clusterBytes : 0;
+    const clusterBytes = Math.max(65536, targetCluster);
+    pool = new CopyWorkerPool({ workers: args.workers });
+    const copy = new BlockCopy({
+      source: { io: srcEdge, mapping: srcEdge.hostMapping() },
+      target: { io: tgtEdge, mapping: tgtEdge.hostMapping() },
+      length: src.length,
+      clusterBytes,
+      maxChunkBytes: Math.max(args.maxChunk, clusterBytes),
+      pool,
+      singleTask: args.singleTask,
+      speed: args.speed,
+      skipUnallocated: args.sync === 'top',
+      targetIsZero: true,
+      ...(args.compress ? { compress: { clusterBytes, writeCompressed: (o: number, d: Uint8Array) => (tgt.driver as Qcow2Node).writeCompressed(o, d) } } : {}),
+    });
+    copy.copyBitmap.set(0, Math.max(1, src.length));
+    log.info({ evt: 'backup.start', node: src.name, bytes: src.length, workers: args.workers, clusterBytes, mapped: Boolean(srcEdge.hostMapping()?.mapRead && tgtEdge.hostMapping()?.mapWrite) }, 'backup started');
+    copy.on('progress', (p) => progress.update(p.doneBytes, p.totalBytes, p.bytesPerSec));
+    copy.on('retry', (r) => log.warn({ evt: 'copy.retry', offset: r.offset, bytes: r.bytes, attempt: r.attempt, err: r.error }, 'retrying a failed range'));
+    await copy.run({ signal });
+    const p = copy.progress;
+    progress.update(p.doneBytes, p.totalBytes, p.bytesPerSec, true);
+    progress.finish();
+    let verified = false;
+    if (args.verify) {
+      const diff = await compareContent(srcEdge, tgtEdge, { signal });
+      if (diff >= 0) {
+        const err = new ShearError('ERR_INTERNAL', `Verification failed: target differs from source at offset ${diff}`, { offset: diff });
+        (err as ShearError & { exitCode?: number }).exitCode = EXIT.VERIFY_MISMATCH;
+        throw err;
+      }
+      verified = true;
+    }
+    graph.detachUser(srcEdge);
+    graph.detachUser(tgtEdge);
+    await closeAll(graph);
+    await syncFile(partial);
+    await rename(partial, args.target);
+    renamed = true;
+    await syncFile(path.dirname(args.target));
+    const seconds = (performance.now() - t0) / 1000;
+    const summary: BackupSummary = {
+      source: args.source,
+      target: args.target,
+      sync: args.sync,
+      bytes: length,
+      copiedBytes: p.copiedBytes,
+      skippedBytes: p.skippedBytes,
+      seconds: Number(seconds.toFixed(3)),
+      mibPerSec: Number((length / 2 ** 20 / seconds).toFixed(1)),
+      workers: args.workers,
+      singleTask: args.singleTask,
+      compressed: args.compress,
+      verified,
+    };
+    log.info({ evt: 'backup.done', ...summary }, 'backup finished');
+    if (args.json) {
+      process.stdout.write(JSON.stringify(summary) + '\n');
+    } else {
+      process.stdout.write(
+        `backed up ${args.source} -> ${args.target}: ${formatBytes(length)} in ${seconds.toFixed(2)} s (${summary.mibPerSec} MiB/s), ` +
+          `${formatBytes(p.copiedBytes)} copied, ${formatBytes(p.skippedBytes)} zero or unallocated, ${args.workers} worker(s)${verified ? ', verified' : ''}\n`,
+      );
+    }
+    return EXIT.OK;
+  } finally {
+    progress.finish();
+    await pool?.destroy();
+    await closeAll(graph).catch(() => {});
+    if (!renamed) await rm(partial, { force: true });
+  }
+}
+
+async function closeAll(graph: BlockGraph): Promise<void> {
+  // Parents first: a node can only go once nothing uses it.
+  for (let left = graph.nodes(); left.length > 0; left = graph.nodes()) {
+    const free = left.filter((n) => n.parentEdges.size === 0);
+    if (free.length === 0) break;
+    for (const n of free) await graph.removeNode(n.name);
+  }
+}
+
+async function syncFile(p: string): Promise<void> {
+  const fh = await openFile(p, 'r');
+  try {
+    await fh.sync();
+  } finally {
+    await fh.close();
+  }
+}
