@@ -21,6 +21,20 @@ export { FileDriver, ZERO_CHUNK_BYTES, BOUNCE_CHUNK_BYTES, BLOCK_STATUS_MAX_EXTE
 export { NullDriver, NULL_DEFAULT_LENGTH_BYTES, type NullDriverOptions } from './drivers/null.js';
 export { MemoryDriver, DEFAULT_MEMORY_CHUNK_BYTES, type MemoryDriverOptions } from './drivers/memory.js';
 export { runBlockIOConformance, type BlockIOFactory } from './drivers/conformance.js';
+export { BlkdebugDriver, BLKDEBUG_CHILD_PERMISSIONS, type BlkdebugOptions, type BlkdebugChildPermission } from './drivers/blkdebug.js';
+export {
+  BlkdebugRuleEngine,
+  BLKDEBUG_EVENTS,
+  BLKDEBUG_IO_TYPES,
+  BLKDEBUG_DEFAULT_IO_TYPES,
+  BLKDEBUG_SECTOR_BYTES,
+  type BlkdebugEvent,
+  type BlkdebugIOType,
+  type BlkdebugInjectErrorOptions,
+  type BlkdebugSetStateOptions,
+  type BlkdebugRule,
+  type BlkdebugInjectErrorRule,
+  type BlkdebugSetStateRule,
+} from './drivers/blkdebug-rules.js';
 export { RawFormatDriver, RAW_SIZE_ALIGNMENT_BYTES, type RawFormatOptions } from './drivers/raw-format.js';
-export { BlkdebugDriver, type BlkdebugOptions } from './drivers/blkdebug.js';
 export { compareContent, COMPARE_CHUNK_BYTES } from './compare.js';

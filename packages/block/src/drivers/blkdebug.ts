@@ -104,8 +104,8 @@ const OPTION_KEYS: ReadonlySet<string> = new Set([
  * past the end of an unaligned child is not written); the node owns its child and closes it on
  * close().
  *
- * Writes and zero writes that need a read-modify-write are serialised against overlapping
- * writes (on align units), so concurrent unaligned writes into one unit all land.
+ * With align > 1, writes and zero writes hold their padded range against each other (as QEMU
+ * makes padded requests serialising), so concurrent unaligned writes into one unit all land.
  */
 export class BlkdebugDriver implements BlockIO {
   readonly align: number;
@@ -264,14 +264,14 @@ export class BlkdebugDriver implements BlockIO {
     return this.#request('flush', 0, 0, async () => {
       this.#engine.event('flush_to_os');
       const gen = this.#writeGen;
-      if (gen !== this.#flushedGen) {
+      const dirty = gen !== this.#flushedGen;
+      if (dirty) {
         this.#engine.event('flush_to_disk');
         await this.#check(0, 0, 'flush', 'flush');
-        await this.#child.flush();
-        this.#flushedGen = gen;
-      } else {
-        await this.#child.flush();
       }
+      await this.#child.flush();
+      // Generations only grow; a flush that started earlier must not move this back.
+      if (dirty) this.#flushedGen = Math.max(this.#flushedGen, gen);
     });
   }
 
