@@ -39,6 +39,10 @@ export const ERROR_CODES = {
   ERR_COPY_WORKER_DIED: 'io',
   ERR_COPY_DISCARDED: 'invalid-argument',
 
+  ERR_CBW_FAILED: 'io',
+  ERR_SNAPSHOT_BROKEN: 'io',
+  ERR_SNAPSHOT_DISCARDED: 'invalid-argument',
+
   ERR_QCOW2_CORRUPT: 'corrupt',
   ERR_QCOW2_UNKNOWN_FEATURE: 'unsupported',
   ERR_QCOW2_NEEDS_REPAIR: 'corrupt',

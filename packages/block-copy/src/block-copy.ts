@@ -118,6 +118,9 @@ export class BlockCopy extends EventEmitter {
   #wakeAt = Infinity;
   /** Background copying is on while run() is active. */
   #background = false;
+  /** While paused, no background or retry task starts; copy-before-write still does. */
+  #paused = false;
+  #resumeWaiters: (() => void)[] = [];
   #failure: ShearError | undefined;
   #idleWaiters: (() => void)[] = [];
   #copiedBytes = 0;
@@ -174,6 +177,22 @@ export class BlockCopy extends EventEmitter {
     this.#pump();
   }
 
+  get paused(): boolean {
+    return this.#paused;
+  }
+
+  /** Stops starting background and retry tasks; running ones finish. Copy-before-write goes on. */
+  pause(): void {
+    this.#paused = true;
+  }
+
+  resume(): void {
+    if (!this.#paused) return;
+    this.#paused = false;
+    for (const w of this.#resumeWaiters.splice(0)) w();
+    this.#pump();
+  }
+
   get progress(): CopyProgress {
     const done = this.#copiedBytes + this.#skippedBytes;
     let pending = this.copyBitmap.countBytes();
@@ -205,13 +224,21 @@ export class BlockCopy extends EventEmitter {
     this.#background = true;
     this.#failure = undefined;
     this.#scanAt = 0;
-    const onAbort = () => this.#stop(new ShearError('ERR_ABORTED', 'Cannot finish block-copy: it was cancelled', {}, { cause: signal!.reason }));
+    const onAbort = () => {
+      this.#stop(new ShearError('ERR_ABORTED', 'Cannot finish block-copy: it was cancelled', {}, { cause: signal!.reason }));
+      // A paused copy wakes up to see the cancellation.
+      for (const w of this.#resumeWaiters.splice(0)) w();
+    };
     signal?.addEventListener('abort', onAbort, { once: true });
     try {
       for (;;) {
         this.#pump();
         await this.#idle();
         if (this.#failure) throw this.#failure;
+        if (this.#paused) {
+          await new Promise<void>((resolve) => this.#resumeWaiters.push(resolve));
+          continue;
+        }
         if (this.copyBitmap.isEmpty()) break;
       }
       await this.#target.io.flush();
@@ -355,6 +382,9 @@ export class BlockCopy extends EventEmitter {
     this.#copiedBytes += outcome.copiedBytes;
     this.#skippedBytes += outcome.skippedBytes;
     this.#noteRate(outcome.copiedBytes + outcome.skippedBytes);
+    // Which clusters now hold their data on the target (copy-before-write reads them there).
+    const doneBytes = outcome.ok ? t.bytes : alignDown(outcome.doneBytes, this.clusterBytes);
+    if (doneBytes > 0 && !discarded) this.emit('range-done', t.offset, doneBytes);
     if (!outcome.ok && !discarded) {
       // Clusters wholly before doneBytes are in place; the rest go back (or are retried).
       const doneEnd = t.offset + alignDown(outcome.doneBytes, this.clusterBytes);
@@ -415,6 +445,7 @@ export class BlockCopy extends EventEmitter {
     const budgetOk = (t: Task) => this.#running.size === 0 || this.#inFlightBytes + t.bytes <= this.#maxInFlightBytes;
     const cbw = this.#lanes.cbw[0];
     if (cbw) return budgetOk(cbw) ? this.#lanes.cbw.shift() : undefined;
+    if (this.#paused) return undefined;
     const retry = this.#lanes.retry.find((t) => t.notBefore <= now);
     const waitingRetry = this.#lanes.retry.reduce((m, t) => Math.min(m, t.notBefore), Infinity);
     if (waitingRetry !== Infinity && !retry) this.#wakeIn(waitingRetry - now);
@@ -500,7 +531,7 @@ export class BlockCopy extends EventEmitter {
 
   #checkIdle(): void {
     if (this.inFlightTasks > 0) return;
-    if (this.#background && !this.#failure && !this.copyBitmap.isEmpty()) {
+    if (this.#background && !this.#failure && !this.#paused && !this.copyBitmap.isEmpty()) {
       // Work is left but nothing could start now (rate limit): the wake timer will pump.
       if (this.#wakeTimer) return;
       this.#pump();

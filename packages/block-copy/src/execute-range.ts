@@ -1,7 +1,7 @@
 import { promisify } from 'node:util';
 import { deflateRaw } from 'node:zlib';
 import { ShearError, fromWire } from '@shear/base';
-import type { BlockIO, BlockStatusExtent, HostMappable } from '@shear/block';
+import type { BlockIO, BlockStatusExtent, HostExtent, HostMappable } from '@shear/block';
 import type { CopyWorkerPool } from './pool.js';
 import type { CopyTaskMessage } from './protocol.js';
 
@@ -30,7 +30,10 @@ export interface ExecuteContext {
 
 export interface CompressTarget {
   clusterBytes: number;
-  writeCompressed(offset: number, data: Uint8Array): Promise<void>;
+  /** zlib window the format's readers inflate with (qcow2: 12, QEMU's 4 KiB window). */
+  windowBits: number;
+  /** Stores one whole cluster already deflated (smaller than a cluster). */
+  writeDeflated(offset: number, packed: Uint8Array): Promise<void>;
 }
 
 const deflateRawAsync = promisify(deflateRaw);
@@ -140,6 +143,8 @@ async function copyThroughWorker(ctx: ExecuteContext, pool: CopyWorkerPool, offs
   try {
     src = await ctx.source.mapping!.mapRead!(offset, bytes);
   } catch (err) {
+    // Some ranges cannot be mapped (qcow2 compressed clusters): copy those through the node.
+    if ((err as ShearError).code === 'ERR_NOT_IMPLEMENTED') return copyInline(ctx, offset, bytes);
     return { ok: false, error: readError(err, offset, bytes, 'map'), doneBytes: 0 };
   }
   let dst;
@@ -205,16 +210,19 @@ async function copyInline(ctx: ExecuteContext, offset: number, bytes: number): P
  */
 async function copyCompressed(ctx: ExecuteContext, compress: CompressTarget, offset: number, bytes: number): Promise<DataOutcome> {
   let clusters: { offset: number; data: Uint8Array; compressed: boolean }[];
+  let src: HostExtent[] | undefined;
   if (ctx.pool && ctx.source.mapping?.mapRead) {
-    let src;
     try {
       src = await ctx.source.mapping.mapRead(offset, bytes);
     } catch (err) {
-      return { ok: false, error: readError(err, offset, bytes, 'map'), doneBytes: 0 };
+      if ((err as ShearError).code !== 'ERR_NOT_IMPLEMENTED') return { ok: false, error: readError(err, offset, bytes, 'map'), doneBytes: 0 };
+      src = undefined;
     }
+  }
+  if (src && ctx.pool) {
     const result = await ctx.pool.run({
       offset, bytes, src, dst: [], chunkBytes: Math.max(compress.clusterBytes, Math.min(ctx.chunkBytes, bytes)), dropCache: false,
-      cancel: ctx.cancel.buffer as SharedArrayBuffer, cancelIndex: ctx.cancelIndex, compressClusterBytes: compress.clusterBytes,
+      cancel: ctx.cancel.buffer as SharedArrayBuffer, cancelIndex: ctx.cancelIndex, compressClusterBytes: compress.clusterBytes, compressWindowBits: compress.windowBits,
     });
     if (!result.ok) return { ok: false, error: fromWire(result.error), doneBytes: 0 };
     clusters = result.compressed ?? [];
@@ -228,7 +236,7 @@ async function copyCompressed(ctx: ExecuteContext, compress: CompressTarget, off
     clusters = await Promise.all(
       Array.from({ length: Math.ceil(bytes / compress.clusterBytes) }, async (_, i) => {
         const data = buf.subarray(i * compress.clusterBytes, Math.min(bytes, (i + 1) * compress.clusterBytes));
-        const deflated = data.length === compress.clusterBytes ? await deflateRawAsync(data) : undefined;
+        const deflated = data.length === compress.clusterBytes ? await deflateRawAsync(data, { windowBits: compress.windowBits }) : undefined;
         return deflated && deflated.length < compress.clusterBytes
           ? { offset: offset + i * compress.clusterBytes, data: new Uint8Array(deflated), compressed: true }
           : { offset: offset + i * compress.clusterBytes, data, compressed: false };
@@ -238,7 +246,7 @@ async function copyCompressed(ctx: ExecuteContext, compress: CompressTarget, off
   let done = 0;
   for (const c of clusters) {
     try {
-      if (c.compressed) await compress.writeCompressed(c.offset, c.data);
+      if (c.compressed) await compress.writeDeflated(c.offset, c.data);
       else await ctx.target.io.write(c.offset, c.data);
     } catch (err) {
       return { ok: false, error: writeError(err, c.offset, c.data.length), doneBytes: done };

@@ -25,6 +25,8 @@ export interface CopyTaskMessage {
   cancelIndex: number;
   /** Compress each whole cluster of this size with deflate instead of writing it (qcow2 compressed targets). */
   compressClusterBytes?: number;
+  /** zlib windowBits for compression (the format's readers must be able to inflate it). */
+  compressWindowBits?: number;
 }
 
 /**

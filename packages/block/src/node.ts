@@ -230,7 +230,8 @@ export class BlockNode implements BlockIO {
    */
   hostMapping(): HostMappable | undefined {
     const d = this.driver;
-    const m = isHostMappable(d) ? d : d instanceof FileDriver ? fileMapping(d) : undefined;
+    const own = (d as { hostMapping?: () => HostMappable | undefined }).hostMapping;
+    const m = typeof own === 'function' ? own.call(d) : isHostMappable(d) ? d : d instanceof FileDriver ? fileMapping(d) : undefined;
     if (!m) return undefined;
     const mapped: HostMappable = {};
     if (m.mapRead) mapped.mapRead = m.mapRead.bind(m);

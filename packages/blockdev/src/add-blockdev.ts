@@ -133,7 +133,7 @@ async function add(graph: BlockGraph, options: unknown, ctx: BlockdevContext, cr
       const info: DriverInfo = { name: 'qcow2', childPerms: formatChildPerms };
       node = await base(info, async (c) => {
         const img = await Qcow2Image.open(c.get('file')!, { readOnly, backing: c.get('backing') ?? null });
-        return qcow2Driver(img, c.get('file')!);
+        return qcow2Driver(img);
       }, children);
       break;
     }

@@ -151,7 +151,7 @@ function compressPiece(task: CopyTaskMessage, at: number, buf: Buffer, out: Comp
   const cluster = task.compressClusterBytes!;
   for (let pos = 0; pos < buf.length; pos += cluster) {
     const data = buf.subarray(pos, Math.min(buf.length, pos + cluster));
-    const deflated = data.length === cluster ? deflateRawSync(data) : undefined;
+    const deflated = data.length === cluster ? deflateRawSync(data, { windowBits: task.compressWindowBits ?? 15 }) : undefined;
     // A partial last cluster, or one deflate cannot shrink, is stored as it is.
     if (deflated && deflated.length < cluster) out.push({ offset: task.offset + at + pos, data: new Uint8Array(deflated), compressed: true });
     else out.push({ offset: task.offset + at + pos, data: Uint8Array.from(data), compressed: false });

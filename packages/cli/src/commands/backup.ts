@@ -205,7 +205,7 @@ export async function runBackup(argv: string[], log: Logger, signal: AbortSignal
       speed: args.speed,
       skipUnallocated: args.sync === 'top',
       targetIsZero: true,
-      ...(args.compress ? { compress: { clusterBytes, writeCompressed: (o: number, d: Uint8Array) => (tgt.driver as Qcow2Node).writeCompressed(o, d) } } : {}),
+      ...(args.compress ? { compress: { clusterBytes, windowBits: 12, writeDeflated: (o: number, d: Uint8Array) => (tgt.driver as Qcow2Node).writeDeflated(o, d) } } : {}),
     });
     copy.copyBitmap.set(0, Math.max(1, src.length));
     log.info({ evt: 'backup.start', node: src.name, bytes: src.length, workers: args.workers, clusterBytes, mapped: Boolean(srcEdge.hostMapping()?.mapRead && tgtEdge.hostMapping()?.mapWrite) }, 'backup started');

@@ -1,0 +1,270 @@
+import { once } from 'node:events';
+import { ShearError, alignDown, alignUp } from '@shear/base';
+import { SharedBitmap } from '@shear/bitmap';
+import {
+  PERM_CONSISTENT_READ,
+  PERM_RESIZE,
+  PERM_WRITE,
+  PERM_WRITE_UNCHANGED,
+  filterChildPerms,
+  type BlockIO,
+  type BlockStatusExtent,
+  type ChildEdge,
+  type ChildPermsFn,
+  type DriverInfo,
+  type WriteOptions,
+  type WriteZeroesOptions,
+} from '@shear/block';
+import { BlockCopy, DEFAULT_CLUSTER_BYTES, type BlockCopyOptions, type CopyWorkerPool } from '@shear/block-copy';
+import { RequestTable, type InFlightRequest } from '@shear/reqlist';
+
+export type OnCbwError = 'break-guest-write' | 'break-snapshot';
+
+/** setTimeout cannot wait longer than this (about 24.8 days); longer timeouts mean "no limit". */
+const MAX_TIMER_MS = 2 ** 31 - 1;
+
+/**
+ * The filter takes its source (`file`) and does not let anyone else write or resize it: every
+ * writer must come through the filter, or the point in time could change underneath. Its
+ * `target` is written by the filter alone.
+ */
+export const cbwChildPerms: ChildPermsFn = (role, parent, readOnly) => {
+  if (role === 'target') {
+    return { perm: PERM_CONSISTENT_READ | PERM_WRITE, shared: PERM_CONSISTENT_READ | PERM_WRITE_UNCHANGED };
+  }
+  const p = filterChildPerms(role, parent, readOnly);
+  return { perm: p.perm | PERM_CONSISTENT_READ, shared: p.shared & ~(PERM_WRITE | PERM_RESIZE) };
+};
+
+export const CBW_INFO: DriverInfo = { name: 'copy-before-write', childPerms: cbwChildPerms, isFilter: true };
+
+export interface CopyBeforeWriteOptions {
+  file: ChildEdge;
+  target: ChildEdge;
+  /** Only clusters set here are preserved (QEMU's `bitmap` option); default: all of them. */
+  bitmap?: SharedBitmap;
+  onCbwError?: OnCbwError;
+  /** Seconds a guest write may wait for its copy; 0 = no limit. Held as a JS number (53 bits). */
+  cbwTimeoutSec?: number;
+  pool?: CopyWorkerPool;
+  /** Copy engine settings (cluster size, chunk, speed, sync=top, compress, ...). */
+  copy?: Omit<BlockCopyOptions, 'source' | 'target' | 'length' | 'pool'>;
+}
+
+/**
+ * QEMU's copy-before-write filter. Guest writes pass through it to `file`; before one touches
+ * a cluster the point-in-time view still needs, that cluster's old content is copied to
+ * `target` (through the block-copy engine, in its copy-before-write lane).
+ *
+ * Point-in-time reads (snapshotRead, used by snapshot-access and fleecing exports) come from
+ * the target for clusters already preserved and from `file` for the others. Such a read holds
+ * a 'snapshot-read' entry in the request table for its range, and a guest write takes a
+ * 'guest-write' entry (after its copy, before it touches `file`), so a write never lands in
+ * the middle of a read from `file` (the race of seed 001).
+ *
+ * Coordinator-only object. Bitmaps: `done` (old data is on the target), `access` (clusters a
+ * snapshot reader may still read; discard clears them). The copy bitmap of `copy` holds what
+ * is still to be preserved.
+ */
+export class CopyBeforeWrite implements BlockIO {
+  readonly copy: BlockCopy;
+  readonly done: SharedBitmap;
+  readonly access: SharedBitmap;
+  readonly clusterBytes: number;
+  readonly onCbwError: OnCbwError;
+  readonly cbwTimeoutSec: number;
+  readonly #file: ChildEdge;
+  readonly #target: ChildEdge;
+  readonly #reads = new RequestTable();
+  #broken: ShearError | undefined;
+  #closed = false;
+
+  constructor(opts: CopyBeforeWriteOptions) {
+    this.#file = opts.file;
+    this.#target = opts.target;
+    if (opts.target.length < opts.file.length) {
+      throw new ShearError('ERR_INVALID_ARGUMENT', `Cannot open copy-before-write: target is smaller than the source (${opts.target.length} < ${opts.file.length} bytes)`);
+    }
+    this.onCbwError = opts.onCbwError ?? 'break-guest-write';
+    this.cbwTimeoutSec = opts.cbwTimeoutSec ?? 0;
+    if (!Number.isSafeInteger(this.cbwTimeoutSec) || this.cbwTimeoutSec < 0) {
+      throw new ShearError('ERR_INVALID_ARGUMENT', `Cannot open copy-before-write: cbw-timeout ${this.cbwTimeoutSec} must be a non-negative integer (seconds)`);
+    }
+    this.clusterBytes = opts.copy?.clusterBytes ?? DEFAULT_CLUSTER_BYTES;
+    const length = opts.file.length;
+    this.copy = new BlockCopy({
+      ...opts.copy,
+      clusterBytes: this.clusterBytes,
+      source: { io: opts.file, mapping: opts.file.hostMapping() },
+      target: { io: opts.target, mapping: opts.target.hostMapping() },
+      length,
+      ...(opts.pool ? { pool: opts.pool } : {}),
+    });
+    if (opts.bitmap) this.copy.copyBitmap.merge(opts.bitmap);
+    else this.copy.copyBitmap.set(0, Math.max(1, length));
+    this.done = SharedBitmap.create(Math.max(1, length), this.clusterBytes);
+    this.access = SharedBitmap.create(Math.max(1, length), this.clusterBytes);
+    this.access.set(0, Math.max(1, length));
+    this.copy.on('range-done', (offset: number, bytes: number) => this.done.set(offset, bytes));
+  }
+
+  get length(): number {
+    return this.#file.length;
+  }
+
+  /** Set once a copy failed under break-snapshot: the point-in-time view is lost. */
+  get snapshotBroken(): ShearError | undefined {
+    return this.#broken;
+  }
+
+  // ---- the guest side ----
+
+  read(offset: number, buf: Uint8Array): Promise<void> {
+    return this.#file.read(offset, buf);
+  }
+
+  async write(offset: number, buf: Uint8Array, opts?: WriteOptions): Promise<void> {
+    const req = await this.#beforeWrite(offset, buf.length);
+    try {
+      await this.#file.write(offset, buf, opts);
+    } finally {
+      req?.remove();
+    }
+  }
+
+  async writeZeroes(offset: number, bytes: number, opts?: WriteZeroesOptions): Promise<void> {
+    const req = await this.#beforeWrite(offset, bytes);
+    try {
+      await this.#file.writeZeroes(offset, bytes, opts);
+    } finally {
+      req?.remove();
+    }
+  }
+
+  async discard(offset: number, bytes: number): Promise<void> {
+    const req = await this.#beforeWrite(offset, bytes);
+    try {
+      await this.#file.discard(offset, bytes);
+    } finally {
+      req?.remove();
+    }
+  }
+
+  flush(): Promise<void> {
+    return this.#file.flush();
+  }
+
+  blockStatus(offset: number, bytes: number): Promise<BlockStatusExtent[]> {
+    return this.#file.blockStatus(offset, bytes);
+  }
+
+  /** Waits for copies still in flight (a guest write that raced the removal of the filter). */
+  async close(): Promise<void> {
+    this.#closed = true;
+    while (this.copy.inFlightTasks > 0) await once(this.copy, 'progress');
+  }
+
+  /**
+   * Preserves the old content of the range, then waits until no snapshot read of it is in
+   * flight and registers the write. Returns the registration (remove it when the write is done),
+   * or undefined for an empty or out-of-range request (the child refuses those itself).
+   * @throws ERR_CBW_FAILED under break-guest-write when the copy fails or times out
+   */
+  async #beforeWrite(offset: number, bytes: number): Promise<InFlightRequest | undefined> {
+    if (bytes <= 0 || offset < 0 || offset + bytes > this.length) return undefined;
+    if (!this.#broken) {
+      const ms = this.cbwTimeoutSec * 1000;
+      const signal = ms > 0 && ms <= MAX_TIMER_MS ? AbortSignal.timeout(ms) : undefined;
+      try {
+        await this.copy.copyRange(offset, bytes, signal ? { signal } : {});
+      } catch (err) {
+        const why = signal?.aborted ? `it did not finish within cbw-timeout ${this.cbwTimeoutSec} s` : (err as Error).message;
+        if (this.onCbwError === 'break-guest-write') {
+          throw new ShearError('ERR_CBW_FAILED', `Cannot write (${offset}, ${bytes}): copy-before-write failed: ${why}`, { offset, bytes, op: 'write', errno: 'EIO' }, { cause: err });
+        }
+        this.#breakSnapshot(new ShearError('ERR_SNAPSHOT_BROKEN', `Cannot read the snapshot: copy-before-write of (${offset}, ${bytes}) failed: ${why}`, { offset, bytes, errno: 'EIO' }, { cause: err }));
+      }
+    }
+    const start = alignDown(offset, this.clusterBytes);
+    const end = Math.min(this.length, alignUp(offset + bytes, this.clusterBytes));
+    return this.#reads.acquire(start, end - start, 'guest-write');
+  }
+
+  #breakSnapshot(reason: ShearError): void {
+    if (this.#broken) return;
+    this.#broken = reason;
+    // Nothing more is preserved: the view is gone, guest writes go straight through.
+    this.copy.discard(0, this.length);
+  }
+
+  // ---- the point-in-time side (snapshot-access) ----
+
+  /**
+   * Reads the range as it was when the filter started.
+   * @throws ERR_SNAPSHOT_BROKEN after a failure under break-snapshot; ERR_SNAPSHOT_DISCARDED
+   *   when part of the range was discarded by a snapshot reader
+   */
+  async snapshotRead(offset: number, buf: Uint8Array): Promise<void> {
+    const bytes = buf.length;
+    if (bytes === 0) return;
+    this.#checkReadable(offset, bytes);
+    const start = alignDown(offset, this.clusterBytes);
+    const end = Math.min(this.length, alignUp(offset + bytes, this.clusterBytes));
+    const req = await this.#reads.acquire(start, end - start, 'snapshot-read');
+    try {
+      // Checked again: a discard or a break may have come while we waited.
+      this.#checkReadable(offset, bytes);
+      for (let at = offset; at < offset + bytes; ) {
+        const preserved = this.done.get(at);
+        const next = preserved ? this.done.nextClear(at, offset + bytes - at) : this.done.nextDirty(at, offset + bytes - at);
+        const runEnd = next < 0 ? offset + bytes : next;
+        const piece = buf.subarray(at - offset, runEnd - offset);
+        await (preserved ? this.#target : this.#file).read(at, piece);
+        at = runEnd;
+      }
+      // A break during the read means the source may have changed under it.
+      if (this.#broken) throw this.#broken;
+    } finally {
+      req.remove();
+    }
+  }
+
+  /** Block status of the point-in-time view: preserved runs from the target, the rest from the source. */
+  async snapshotBlockStatus(offset: number, bytes: number): Promise<BlockStatusExtent[]> {
+    if (this.#broken) throw this.#broken;
+    const preserved = this.done.get(offset);
+    const next = preserved ? this.done.nextClear(offset, bytes) : this.done.nextDirty(offset, bytes);
+    const runBytes = (next < 0 ? offset + bytes : next) - offset;
+    const ext = await (preserved ? this.#target : this.#file).blockStatus(offset, runBytes);
+    return ext.map((e) => ({ ...e, allocated: true }));
+  }
+
+  /**
+   * The reader has these clusters (seed 002): the range, rounded inward to whole clusters,
+   * leaves the point-in-time view. Its old data is no longer preserved, pending copies of it
+   * are dropped, the space it took on the target is freed, and later reads of it fail.
+   * A range smaller than a cluster does nothing.
+   * @returns bytes dropped from the view
+   */
+  async snapshotDiscard(offset: number, bytes: number): Promise<number> {
+    const start = alignUp(offset, this.clusterBytes);
+    const end = offset + bytes >= this.length ? this.length : alignDown(offset + bytes, this.clusterBytes);
+    if (end <= start) return 0;
+    this.access.reset(start, end - start);
+    this.copy.discard(start, end - start);
+    this.done.reset(start, end - start);
+    await this.#target.discard(start, end - start).catch(() => {});
+    return end - start;
+  }
+
+  #checkReadable(offset: number, bytes: number): void {
+    if (this.#closed) throw new ShearError('ERR_CLOSED', 'Cannot read the snapshot: the copy-before-write filter is closed');
+    if (this.#broken) throw this.#broken;
+    if (offset < 0 || offset + bytes > this.length) {
+      throw new ShearError('ERR_OUT_OF_BOUNDS', `Cannot read snapshot range (${offset}, ${bytes}): it ends past ${this.length}`, { offset, bytes });
+    }
+    if (this.access.nextClear(offset, bytes) >= 0) {
+      throw new ShearError('ERR_SNAPSHOT_DISCARDED', `Cannot read snapshot range (${offset}, ${bytes}): part of it was discarded`, { offset, bytes, errno: 'EINVAL' });
+    }
+  }
+}
