@@ -43,6 +43,11 @@ export const ERROR_CODES = {
   ERR_SNAPSHOT_BROKEN: 'io',
   ERR_SNAPSHOT_DISCARDED: 'invalid-argument',
 
+  ERR_JOB_NOT_FOUND: 'not-found',
+  ERR_JOB_ID: 'invalid-argument',
+  ERR_JOB_VERB_NOT_ALLOWED: 'invalid-argument',
+  ERR_JOB_FAILED: 'io',
+
   ERR_QCOW2_CORRUPT: 'corrupt',
   ERR_QCOW2_UNKNOWN_FEATURE: 'unsupported',
   ERR_QCOW2_NEEDS_REPAIR: 'corrupt',
@@ -56,6 +61,13 @@ export const ERROR_CODES = {
   ERR_PERMISSION_DENIED: 'permission',
   ERR_READ_ONLY: 'permission',
   ERR_CLOSED: 'invalid-argument',
+
+  ERR_QMP_COMMAND_NOT_FOUND: 'not-found',
+  ERR_QMP_COMMAND_EXISTS: 'invalid-argument',
+  ERR_QMP_SOCKET_IN_USE: 'busy',
+  ERR_QMP_ERROR_REPLY: 'io',
+  ERR_QMP_DISCONNECTED: 'io',
+  ERR_QMP_PROTOCOL: 'io',
 } as const;
 
 export type ErrorCode = keyof typeof ERROR_CODES;

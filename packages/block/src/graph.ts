@@ -225,7 +225,7 @@ export class BlockGraph {
         }
       }
       for (const e of node.childEdges) {
-        if (e.derived) next.set(e, node.info.childPerms(e.role, { perm, shared }, node.readOnly));
+        if (e.derived) next.set(e, node.info.childPerms(e.role, { perm, shared }, node.readOnly, parents.length));
       }
     }
     for (const [e, p] of next) {

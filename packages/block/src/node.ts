@@ -139,6 +139,8 @@ export class BlockNode implements BlockIO {
   readonly parentEdges = new Set<ChildEdge>();
   #driver: BlockIO | null = null;
   #bitmaps: NodeBitmaps | null = null;
+  #inflight = 0;
+  #drainWaiters: (() => void)[] = [];
 
   /** @internal Created by BlockGraph.addNode. */
   constructor(name: string, info: DriverInfo, readOnly: boolean) {
@@ -187,39 +189,52 @@ export class BlockNode implements BlockIO {
   }
 
   read(offset: number, buf: Uint8Array): Promise<void> {
-    return this.driver.read(offset, buf);
+    return this.#track(() => this.driver.read(offset, buf));
   }
 
-  async write(offset: number, buf: Uint8Array, opts?: WriteOptions): Promise<void> {
-    try {
-      await this.driver.write(offset, buf, opts);
-    } finally {
-      this.#markDirty(offset, buf.length);
-    }
+  write(offset: number, buf: Uint8Array, opts?: WriteOptions): Promise<void> {
+    return this.#trackWrite(offset, buf.length, () => this.driver.write(offset, buf, opts));
   }
 
-  async writeZeroes(offset: number, bytes: number, opts?: WriteZeroesOptions): Promise<void> {
-    try {
-      await this.driver.writeZeroes(offset, bytes, opts);
-    } finally {
-      this.#markDirty(offset, bytes);
-    }
+  writeZeroes(offset: number, bytes: number, opts?: WriteZeroesOptions): Promise<void> {
+    return this.#trackWrite(offset, bytes, () => this.driver.writeZeroes(offset, bytes, opts));
   }
 
-  async discard(offset: number, bytes: number): Promise<void> {
-    try {
-      await this.driver.discard(offset, bytes);
-    } finally {
-      this.#markDirty(offset, bytes);
-    }
+  discard(offset: number, bytes: number): Promise<void> {
+    return this.#trackWrite(offset, bytes, () => this.driver.discard(offset, bytes));
   }
 
   flush(): Promise<void> {
-    return this.driver.flush();
+    return this.#track(() => this.driver.flush());
   }
 
   blockStatus(offset: number, bytes: number): Promise<BlockStatusExtent[]> {
-    return this.driver.blockStatus(offset, bytes);
+    return this.#track(() => this.driver.blockStatus(offset, bytes));
+  }
+
+  /** Requests in flight through this node; close waits for them (QEMU's drain). */
+  get inFlight(): number {
+    return this.#inflight;
+  }
+
+  async #track<T>(fn: () => Promise<T>): Promise<T> {
+    this.#inflight++;
+    try {
+      return await fn();
+    } finally {
+      if (--this.#inflight === 0) for (const w of this.#drainWaiters.splice(0)) w();
+    }
+  }
+
+  /** A write is tracked in the dirty bitmaps after the driver is done, whatever the outcome. */
+  #trackWrite(offset: number, bytes: number, fn: () => Promise<void>): Promise<void> {
+    return this.#track(async () => {
+      try {
+        await fn();
+      } finally {
+        this.#markDirty(offset, bytes);
+      }
+    });
   }
 
   /**
@@ -270,14 +285,17 @@ export class BlockNode implements BlockIO {
 
   /** @internal Closes the driver; BlockGraph.removeNode is the public way. */
   async close(): Promise<void> {
+    while (this.#inflight > 0) await new Promise<void>((resolve) => this.#drainWaiters.push(resolve));
     const d = this.#driver;
     this.#driver = null;
     await d?.close();
   }
 
   #markDirty(offset: number, bytes: number): void {
+    const bitmaps = this.#bitmaps;
     // Out-of-range requests were refused by the driver and changed nothing.
-    if (bytes > 0 && offset >= 0 && offset + bytes <= this.length) this.#bitmaps?.markDirty(offset, bytes);
+    if (bitmaps && bytes > 0 && offset >= 0 && offset + bytes <= bitmaps.size) bitmaps.markDirty(offset, bytes);
   }
+
 }
 

@@ -30,9 +30,10 @@ export interface PermPair {
 
 /**
  * How a driver derives what it needs from a child, given what its own parents need of it
- * (`parent`: OR of their perms, AND of their shared) and whether the node is read-only.
+ * (`parent`: OR of their perms, AND of their shared), whether the node is read-only, and how
+ * many parents it has (a filter not yet inserted may behave differently from one in use).
  */
-export type ChildPermsFn = (role: string, parent: PermPair, readOnly: boolean) => PermPair;
+export type ChildPermsFn = (role: string, parent: PermPair, readOnly: boolean, parentCount: number) => PermPair;
 
 /** Filters pass their parents' needs through unchanged (QEMU's bdrv_filter_default_perms). */
 export const filterChildPerms: ChildPermsFn = (_role, parent) => ({ perm: parent.perm, shared: parent.shared });
@@ -59,8 +60,8 @@ export const backingChildPerms: ChildPermsFn = (_role, parent) => ({
 });
 
 /** The rule most formats use: storage for `file`, COW for `backing`, pass-through otherwise. */
-export const formatChildPerms: ChildPermsFn = (role, parent, readOnly) => {
-  if (role === 'backing') return backingChildPerms(role, parent, readOnly);
-  if (role === 'file') return storageChildPerms(role, parent, readOnly);
-  return filterChildPerms(role, parent, readOnly);
+export const formatChildPerms: ChildPermsFn = (role, parent, readOnly, parentCount) => {
+  if (role === 'backing') return backingChildPerms(role, parent, readOnly, parentCount);
+  if (role === 'file') return storageChildPerms(role, parent, readOnly, parentCount);
+  return filterChildPerms(role, parent, readOnly, parentCount);
 };

@@ -25,8 +25,8 @@ export interface BlockdevContext {
 }
 
 /** QEMU's `raw` keeps others from resizing its file; otherwise a filter (role DATA|FILTERED). */
-const rawChildPerms: ChildPermsFn = (role, parent, readOnly) => {
-  const p = filterChildPerms(role, parent, readOnly);
+const rawChildPerms: ChildPermsFn = (role, parent, readOnly, parentCount) => {
+  const p = filterChildPerms(role, parent, readOnly, parentCount);
   return { perm: p.perm, shared: p.shared & ~PERM_RESIZE };
 };
 

@@ -24,15 +24,18 @@ export type OnCbwError = 'break-guest-write' | 'break-snapshot';
 const MAX_TIMER_MS = 2 ** 31 - 1;
 
 /**
- * The filter takes its source (`file`) and does not let anyone else write or resize it: every
- * writer must come through the filter, or the point in time could change underneath. Its
- * `target` is written by the filter alone.
+ * Once the filter has parents, it takes its source (`file`) and lets no one else write or
+ * resize it: every writer must come through the filter, or the point in time could change
+ * underneath. Before it is inserted (no parents yet) it shares everything, so it can be
+ * created beside the writers it is about to take over (QEMU's cbw_child_perm does the same).
+ * Its `target` is written by the filter alone.
  */
-export const cbwChildPerms: ChildPermsFn = (role, parent, readOnly) => {
+export const cbwChildPerms: ChildPermsFn = (role, parent, readOnly, parentCount) => {
   if (role === 'target') {
     return { perm: PERM_CONSISTENT_READ | PERM_WRITE, shared: PERM_CONSISTENT_READ | PERM_WRITE_UNCHANGED };
   }
-  const p = filterChildPerms(role, parent, readOnly);
+  const p = filterChildPerms(role, parent, readOnly, parentCount);
+  if (parentCount === 0) return p;
   return { perm: p.perm | PERM_CONSISTENT_READ, shared: p.shared & ~(PERM_WRITE | PERM_RESIZE) };
 };
 
@@ -43,6 +46,11 @@ export interface CopyBeforeWriteOptions {
   target: ChildEdge;
   /** Only clusters set here are preserved (QEMU's `bitmap` option); default: all of them. */
   bitmap?: SharedBitmap;
+  /**
+   * Start with nothing to preserve: the owner (a backup job) fills the copy bitmap itself, in
+   * the same synchronous step in which it freezes its dirty bitmap and inserts the filter.
+   */
+  startEmpty?: boolean;
   onCbwError?: OnCbwError;
   /** Seconds a guest write may wait for its copy; 0 = no limit. Held as a JS number (53 bits). */
   cbwTimeoutSec?: number;
@@ -101,7 +109,7 @@ export class CopyBeforeWrite implements BlockIO {
       ...(opts.pool ? { pool: opts.pool } : {}),
     });
     if (opts.bitmap) this.copy.copyBitmap.merge(opts.bitmap);
-    else this.copy.copyBitmap.set(0, Math.max(1, length));
+    else if (!opts.startEmpty) this.copy.copyBitmap.set(0, Math.max(1, length));
     this.done = SharedBitmap.create(Math.max(1, length), this.clusterBytes);
     this.access = SharedBitmap.create(Math.max(1, length), this.clusterBytes);
     this.access.set(0, Math.max(1, length));

@@ -1,0 +1,274 @@
+import { ShearError, inTransaction } from '@shear/base';
+import { PERM_ALL, PERM_CONSISTENT_READ, type BlockGraph, type BlockNode, type ChildEdge } from '@shear/block';
+import type { CopyWorkerPool } from '@shear/block-copy';
+import { concludeBitmapSync, type BitmapSyncMode, type DirtyBitmap } from '@shear/dirty-bitmap';
+import { CBW_INFO, CopyBeforeWrite, type OnCbwError } from '@shear/fleecing';
+import type { Job, JobDriver } from './job.js';
+
+export type MirrorSyncMode = 'full' | 'top' | 'bitmap' | 'incremental' | 'none';
+export type BlockdevOnError = 'report' | 'ignore' | 'enospc' | 'stop' | 'auto';
+
+export interface BackupParams {
+  source: BlockNode;
+  target: BlockNode;
+  sync: MirrorSyncMode;
+  bitmap?: string | undefined;
+  bitmapMode?: BitmapSyncMode | undefined;
+  compress?: boolean;
+  onSourceError?: BlockdevOnError;
+  onTargetError?: BlockdevOnError;
+  filterNodeName?: string | undefined;
+  maxWorkers?: number | undefined;
+  maxChunk?: number | undefined;
+  speed?: number;
+  discardSource?: boolean;
+  onCbwError?: OnCbwError;
+  cbwTimeoutSec?: number;
+}
+
+/** What a format target offers for compressed writes (qcow2). */
+interface CompressingTarget {
+  clusterBytes: number;
+  writeDeflated(offset: number, packed: Uint8Array): Promise<void>;
+}
+
+/** Backoff between retries under on-*-error=ignore, so a dead disk does not spin the CPU. */
+const IGNORE_RETRY_DELAY_MS = 100;
+
+/**
+ * Checks blockdev-backup's arguments as QEMU does (blockdev.c do_backup_common) and returns the
+ * effective sync mode and bitmap mode; `incremental` becomes `bitmap` with `on-success`.
+ * @throws ERR_INVALID_ARGUMENT with QEMU's messages
+ */
+export function checkBackupArgs(p: { sync: MirrorSyncMode; bitmap?: string | undefined; bitmapMode?: BitmapSyncMode | undefined }): { sync: Exclude<MirrorSyncMode, 'incremental'>; bitmapMode: BitmapSyncMode | undefined } {
+  let sync = p.sync;
+  let bitmapMode = p.bitmapMode;
+  const bad = (m: string) => new ShearError('ERR_INVALID_ARGUMENT', m);
+  if ((sync === 'bitmap' || sync === 'incremental') && !p.bitmap) throw bad(`must provide a valid bitmap name for '${sync}' sync mode`);
+  if (sync === 'incremental') {
+    if (bitmapMode !== undefined && bitmapMode !== 'on-success') throw bad("Bitmap sync mode must be 'on-success' when using sync mode 'incremental'");
+    sync = 'bitmap';
+    bitmapMode = 'on-success';
+  }
+  if (p.bitmap) {
+    if (bitmapMode === undefined) throw bad('Bitmap sync mode must be given when providing a bitmap');
+    if (sync === 'none') throw bad("sync mode 'none' does not produce meaningful bitmap outputs");
+    if (bitmapMode === 'never' && sync !== 'bitmap') throw bad(`Bitmap sync mode 'never' has no meaningful effect when combined with sync mode '${sync}'`);
+  } else if (bitmapMode !== undefined) {
+    throw bad('Cannot specify bitmap sync mode without a bitmap');
+  }
+  return { sync, bitmapMode };
+}
+
+/**
+ * QEMU's backup job: a copy-before-write filter goes above the source (every parent of the
+ * source now writes through it), its block-copy engine copies what the sync mode asks for in
+ * the background, and the filter preserves old data of clusters the guest writes meanwhile.
+ * So the target ends up holding the source exactly as it was when the job was created.
+ *
+ * The job's bitmap (sync=bitmap, or any sync with a bitmap) is frozen with a successor in the
+ * same synchronous step that fills the copy bitmap and inserts the filter: that step is the
+ * backup's point in time. At the end the bitmap sync mode decides what the bitmap holds.
+ */
+export class BackupJob implements JobDriver {
+  readonly type = 'backup';
+  readonly device: string;
+  readonly #graph: BlockGraph;
+  readonly #edge: ChildEdge;
+  readonly #source: BlockNode;
+  readonly #target: BlockNode;
+  readonly #filter: BlockNode;
+  readonly #cbw: CopyBeforeWrite;
+  readonly #sync: Exclude<MirrorSyncMode, 'incremental'>;
+  readonly #bitmap: DirtyBitmap | undefined;
+  readonly #bitmapMode: BitmapSyncMode | undefined;
+  readonly #onSourceError: BlockdevOnError;
+  readonly #onTargetError: BlockdevOnError;
+  #resumeWaiters: (() => void)[] = [];
+  #job: Job | undefined;
+  #cleaned = false;
+
+  private constructor(init: {
+    graph: BlockGraph;
+    edge: ChildEdge;
+    source: BlockNode;
+    target: BlockNode;
+    filter: BlockNode;
+    sync: Exclude<MirrorSyncMode, 'incremental'>;
+    bitmap: DirtyBitmap | undefined;
+    bitmapMode: BitmapSyncMode | undefined;
+    onSourceError: BlockdevOnError;
+    onTargetError: BlockdevOnError;
+  }) {
+    this.#graph = init.graph;
+    this.#edge = init.edge;
+    this.#source = init.source;
+    this.#target = init.target;
+    this.#filter = init.filter;
+    this.#cbw = init.filter.driver as CopyBeforeWrite;
+    this.#sync = init.sync;
+    this.#bitmap = init.bitmap;
+    this.#bitmapMode = init.bitmapMode;
+    this.#onSourceError = init.onSourceError;
+    this.#onTargetError = init.onTargetError;
+    this.device = init.source.name;
+  }
+
+  /**
+   * Validates, opens the filter and takes the point in time. On any failure nothing is left:
+   * no filter, no successor.
+   * @throws ERR_INVALID_ARGUMENT, ERR_BITMAP_NOT_FOUND, ERR_BITMAP_BUSY, ERR_BITMAP_INCONSISTENT, ERR_NOT_IMPLEMENTED, ERR_BLOCK_PERMISSION_CONFLICT
+   */
+  static async create(graph: BlockGraph, pool: CopyWorkerPool | undefined, p: BackupParams): Promise<BackupJob> {
+    const { sync, bitmapMode } = checkBackupArgs(p);
+    if (p.discardSource) throw new ShearError('ERR_NOT_IMPLEMENTED', "Cannot start backup: 'discard-source' is not implemented");
+    if (p.source === p.target) throw new ShearError('ERR_INVALID_ARGUMENT', 'Cannot start backup: source and target are the same node');
+    if (p.source.length !== p.target.length) throw new ShearError('ERR_INVALID_ARGUMENT', 'Source and target image have different sizes');
+    const bitmap = p.bitmap ? p.source.bitmaps.get(p.bitmap) : undefined;
+    if (bitmap) bitmap.check({ busy: true, inconsistent: true });
+    const targetDriver = p.target.driver as Partial<CompressingTarget>;
+    const targetCluster = typeof targetDriver.clusterBytes === 'number' ? targetDriver.clusterBytes : 0;
+    const clusterBytes = Math.max(65536, targetCluster);
+    if (p.compress && typeof targetDriver.writeDeflated !== 'function') {
+      throw new ShearError('ERR_INVALID_ARGUMENT', `Cannot start backup: compression is not supported by target node "${p.target.name}" (it needs a qcow2 target)`);
+    }
+    let edge: ChildEdge | undefined;
+    const filter = await graph.addNode({
+      ...(p.filterNodeName !== undefined ? { name: p.filterNodeName } : {}),
+      info: CBW_INFO,
+      children: [{ role: 'file', node: p.source }, { role: 'target', node: p.target }],
+      open: async (c) =>
+        new CopyBeforeWrite({
+          file: c.get('file')!,
+          target: c.get('target')!,
+          startEmpty: true,
+          ...(p.onCbwError ? { onCbwError: p.onCbwError } : {}),
+          ...(p.cbwTimeoutSec ? { cbwTimeoutSec: p.cbwTimeoutSec } : {}),
+          ...(pool ? { pool } : {}),
+          copy: {
+            clusterBytes,
+            ...(p.maxChunk ? { maxChunkBytes: Math.max(p.maxChunk, clusterBytes) } : {}),
+            ...(p.maxWorkers ? { maxTasks: p.maxWorkers } : {}),
+            speed: p.speed ?? 0,
+            skipUnallocated: sync === 'top',
+            ...(p.compress ? { compress: { clusterBytes, windowBits: 12, writeDeflated: (o: number, d: Uint8Array) => targetDriver.writeDeflated!(o, d) } } : {}),
+          },
+        }),
+    });
+    try {
+      // The point in time: freeze, fill the copy bitmap, insert the filter, with no await
+      // between them, so no write can fall between the three.
+      inTransaction((tx) => {
+        const cbw = filter.driver as CopyBeforeWrite;
+        if (bitmap) {
+          p.source.bitmaps.createSuccessor(bitmap);
+          tx.add({ abort: () => void p.source.bitmaps.reclaim(bitmap) });
+        }
+        if (sync === 'bitmap') cbw.copy.copyBitmap.merge(bitmap!.bits);
+        else cbw.copy.copyBitmap.set(0, Math.max(1, p.source.length));
+        tx.add({ abort: () => cbw.copy.copyBitmap.clear() });
+        graph.insertFilter(filter, p.source);
+        // The job is a parent of the filter too, so the source stays protected even when no one
+        // else uses it (QEMU's backup job holds its own parent on the filter likewise).
+        const user = graph.attachUser({ kind: 'user', name: `backup job on "${p.source.name}"` }, filter, PERM_CONSISTENT_READ, PERM_ALL);
+        tx.add({ abort: () => graph.detachUser(user) });
+        edge = user;
+      });
+    } catch (err) {
+      await graph.removeNode(filter.name).catch(() => {});
+      throw err;
+    }
+    return new BackupJob({
+      graph,
+      edge: edge!,
+      source: p.source,
+      target: p.target,
+      filter,
+      sync,
+      bitmap,
+      bitmapMode,
+      onSourceError: p.onSourceError ?? 'report',
+      onTargetError: p.onTargetError ?? 'report',
+    });
+  }
+
+  get filterNode(): BlockNode {
+    return this.#filter;
+  }
+
+  get copyBeforeWrite(): CopyBeforeWrite {
+    return this.#cbw;
+  }
+
+  async run(signal: AbortSignal, job: Job): Promise<void> {
+    this.#job = job;
+    this.#cbw.copy.setSpeed(job.speed);
+    if (this.#sync === 'none') {
+      // Only copy-before-write: the job lives until it is cancelled (fleecing).
+      await new Promise<void>((resolve) => (signal.aborted ? resolve() : signal.addEventListener('abort', () => resolve(), { once: true })));
+      signal.throwIfAborted();
+      return;
+    }
+    for (;;) {
+      try {
+        await this.#cbw.copy.run({ signal });
+        break;
+      } catch (err) {
+        if (signal.aborted) throw err;
+        const e = err as ShearError;
+        const operation = e.code === 'ERR_COPY_READ_FAILED' ? 'read' : 'write';
+        const policy = operation === 'read' ? this.#onSourceError : this.#onTargetError;
+        const action = policy === 'enospc' ? (e.kind === 'no-space' ? 'stop' : 'report') : policy === 'auto' ? 'report' : policy;
+        job.emit('BLOCK_JOB_ERROR', { device: job.id, operation, action });
+        if (action === 'report') throw err;
+        if (action === 'stop') {
+          job.pauseForError();
+          await new Promise<void>((resolve) => this.#resumeWaiters.push(resolve));
+          if (signal.aborted) throw err;
+        } else {
+          await new Promise((r) => setTimeout(r, IGNORE_RETRY_DELAY_MS));
+        }
+      }
+    }
+    await this.#target.flush();
+  }
+
+  pause(): void {
+    this.#cbw.copy.pause();
+  }
+
+  resume(): void {
+    this.#cbw.copy.resume();
+    for (const w of this.#resumeWaiters.splice(0)) w();
+  }
+
+  setSpeed(bytesPerSec: number): void {
+    this.#cbw.copy.setSpeed(bytesPerSec);
+  }
+
+  progress(): { offset: number; len: number } {
+    const p = this.#cbw.copy.progress;
+    return { offset: p.doneBytes, len: p.totalBytes };
+  }
+
+  commit(): void {
+    this.#settleBitmap('success');
+  }
+
+  abort(): void {
+    this.#settleBitmap(this.#job?.cancelled ? 'cancel' : 'failure');
+  }
+
+  /** Takes the filter out again; the parents of the source go back to it. */
+  async clean(): Promise<void> {
+    if (this.#cleaned) return;
+    this.#cleaned = true;
+    this.#graph.detachUser(this.#edge);
+    await this.#graph.removeFilter(this.#filter);
+  }
+
+  #settleBitmap(outcome: 'success' | 'failure' | 'cancel'): void {
+    if (!this.#bitmap || !this.#bitmapMode) return;
+    concludeBitmapSync(this.#source.bitmaps, this.#bitmap, this.#bitmapMode, outcome, this.#cbw.copy.copyBitmap);
+  }
+}
