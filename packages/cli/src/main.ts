@@ -2,6 +2,7 @@
 import { ShearError } from '@shear/base';
 import { runBackup, BACKUP_USAGE } from './commands/backup.js';
 import { runDemo } from './commands/demo.js';
+import { runDaemon, DAEMON_USAGE } from './commands/daemon.js';
 import { EXIT, exitCodeFor } from './exit-codes.js';
 import { createLogger } from './logger.js';
 
@@ -9,6 +10,7 @@ const USAGE = `usage: shear <command> [options]
 
 commands:
   backup      copy a disk image to a new image (full, or top layer), in parallel
+  daemon      run the daemon: block nodes and backup jobs behind a QMP socket
   demo        make a demo disk, back it up, verify it, and walk through dirty bitmaps
   help        this text; \`shear help backup\` for a command's options
 
@@ -22,7 +24,7 @@ function logLevelOf(argv: string[]): string | undefined {
 
 async function main(argv: string[]): Promise<number> {
   const [command, ...rest] = argv;
-  const log = createLogger(logLevelOf(rest));
+  const log = createLogger(logLevelOf(rest) ?? (command === 'daemon' ? 'info' : undefined));
   const ac = new AbortController();
   const onSignal = (sig: NodeJS.Signals) => {
     log.warn({ evt: 'cli.signal', signal: sig }, 'interrupted, stopping');
@@ -36,11 +38,13 @@ async function main(argv: string[]): Promise<number> {
         return await runBackup(rest, log.child({ component: 'backup' }), ac.signal);
       case 'demo':
         return await runDemo(rest, log.child({ component: 'demo' }), ac.signal);
+      case 'daemon':
+        return await runDaemon(rest, log.child({ component: 'daemon' }), ac.signal);
       case undefined:
       case 'help':
       case '--help':
       case '-h':
-        process.stdout.write((rest[0] === 'backup' ? BACKUP_USAGE : USAGE) + '\n');
+        process.stdout.write((rest[0] === 'backup' ? BACKUP_USAGE : rest[0] === 'daemon' ? DAEMON_USAGE : USAGE) + '\n');
         return EXIT.OK;
       default:
         process.stderr.write(`shear: unknown command "${command}"\n\n${USAGE}\n`);

@@ -72,6 +72,7 @@ export function checkBackupArgs(p: { sync: MirrorSyncMode; bitmap?: string | und
  */
 export class BackupJob implements JobDriver {
   readonly type = 'backup';
+  readonly blockJob = true;
   readonly device: string;
   readonly #graph: BlockGraph;
   readonly #edge: ChildEdge;
@@ -190,6 +191,16 @@ export class BackupJob implements JobDriver {
       onSourceError: p.onSourceError ?? 'report',
       onTargetError: p.onTargetError ?? 'report',
     });
+  }
+
+  /**
+   * Undoes create() for a job that never started (a transaction that failed after this
+   * action): the bitmap gets its successor's bits back and the filter comes out.
+   */
+  async discardUnstarted(): Promise<void> {
+    if (this.#bitmap?.frozen) this.#source.bitmaps.reclaim(this.#bitmap);
+    this.#cbw.copy.copyBitmap.clear();
+    await this.clean();
   }
 
   get filterNode(): BlockNode {

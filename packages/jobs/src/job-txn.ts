@@ -22,7 +22,7 @@ export class JobTxn {
     if (!this.jobs.every((j) => j.bodyDone && j.status === 'waiting')) return;
     for (const j of this.jobs) {
       j.transition('pending');
-      j.emit('BLOCK_JOB_PENDING', { type: j.type, id: j.id });
+      if (j.driver.blockJob) j.emit('BLOCK_JOB_PENDING', { type: j.type, id: j.id });
     }
     if (this.jobs.every((j) => j.autoFinalize)) await this.finalize();
   }
@@ -45,7 +45,7 @@ export class JobTxn {
           await j.driver.clean?.();
         }
         const { offset, len } = j.driver.progress();
-        j.emit('BLOCK_JOB_COMPLETED', { type: j.type, device: j.id, len, offset, speed: j.speed });
+        if (j.driver.blockJob) j.emit('BLOCK_JOB_COMPLETED', { type: j.type, device: j.id, len, offset, speed: j.speed });
         j.transition('concluded');
         if (j.autoDismiss) j.transition('null');
       }
@@ -67,7 +67,9 @@ export class JobTxn {
         await j.driver.clean?.();
       }
       const { offset, len } = j.driver.progress();
-      if (j.cancelled && (!j.error || j.error.code === 'ERR_ABORTED')) {
+      if (!j.driver.blockJob) {
+        // Generic jobs report the outcome in query-jobs only.
+      } else if (j.cancelled && (!j.error || j.error.code === 'ERR_ABORTED')) {
         j.emit('BLOCK_JOB_CANCELLED', { type: j.type, device: j.id, len, offset, speed: j.speed });
       } else {
         j.emit('BLOCK_JOB_COMPLETED', { type: j.type, device: j.id, len, offset, speed: j.speed, error: j.error?.message ?? 'Job failed' });

@@ -5,6 +5,8 @@ import type { JobTxn } from './job-txn.js';
 /** What a job type implements; the Job runs it through QEMU's lifecycle. */
 export interface JobDriver {
   readonly type: string;
+  /** Block jobs also report BLOCK_JOB_* events (backup); generic jobs only JOB_STATUS_CHANGE. */
+  readonly blockJob?: boolean;
   /** The job's work. Resolves when done; rejects on failure; must stop soon after `signal` fires. */
   run(signal: AbortSignal, job: Job): Promise<void>;
   /** Success, when every job of the transaction succeeded: make the result permanent. */

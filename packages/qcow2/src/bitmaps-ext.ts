@@ -1,53 +1,140 @@
 import { ShearError } from '@shear/base';
+import { BITMAPS_EXT_BYTES, encodeBitmapsExt, type BitmapsExt } from './bitmaps-format.js';
 import { readPadded } from './file-util.js';
 import type { GrowableIO } from './growable-io.js';
+import { AUTOCLEAR_BITMAPS, EXT_BITMAPS, FIELD_AUTOCLEAR, parseHeaderCluster, type HeaderExtension, type ParsedHeader } from './header.js';
 
-export const BITMAP_IN_USE = 1;
-export const BITMAP_AUTO = 2;
+/**
+ * Changes to the bitmaps header extension and autoclear bit 0, ordered so that a crash between
+ * any two writes (each write reaching the disk whole, in order, as the flushes enforce) leaves
+ * either the old bitmaps or the new ones, never a directory the header describes wrongly:
+ *
+ * - Every header write is one of: 8 aligned bytes (autoclear field, backing file offset, an
+ *   extension's type/length), or the 24 bytes of the extension's data. Aligned 8-byte writes
+ *   never straddle a 512-byte sector; the 24 bytes are written in place only when they lie in
+ *   one sector, else with autoclear bit 0 cleared around the write.
+ * - The autoclear bit is never set while the extension is absent (the spec calls that an
+ *   error); windows where the extension is present and the bit clear make QEMU ignore all
+ *   bitmaps and report their clusters as leaked, which loses bitmaps but trusts nothing wrong.
+ *
+ * Shear otherwise never rewrites the extension area: an extension is added by writing its data
+ * and a new end marker past the current end marker (bytes nobody reads), then its type and
+ * length over the old end marker in one 8-byte write. The backing file name, stored right
+ * after the end marker, is first copied further into the header cluster if it is in the way
+ * and the header pointed at the copy.
+ */
 
-export interface BitmapDirEntry {
-  name: string;
-  flags: number;
-  /** File offset of this entry's 32-bit flags field. */
-  flagsOffset: number;
+const SECTOR_BYTES = 512;
+const EXT_HEADER_BYTES = 8;
+const FIELD_BACKING_FILE_OFFSET = 8;
+
+function sameSector(offset: number, bytes: number): boolean {
+  return Math.floor(offset / SECTOR_BYTES) === Math.floor((offset + bytes - 1) / SECTOR_BYTES);
 }
 
-/** Reads the bitmap directory named by the bitmaps header extension (`ext` is the extension's data). */
-export async function readBitmapDirectory(file: GrowableIO, ext: Uint8Array): Promise<BitmapDirEntry[]> {
-  if (ext.length < 24) throw corrupt('the bitmaps extension is shorter than 24 bytes');
-  const v = new DataView(ext.buffer, ext.byteOffset, ext.byteLength);
-  const count = v.getUint32(0);
-  const dirBytes = Number(v.getBigUint64(8));
-  const dirOffset = Number(v.getBigUint64(16));
-  if (dirBytes > 64 * 1024 * 1024) throw corrupt(`the bitmap directory is ${dirBytes} bytes`);
-  const dir = new Uint8Array(dirBytes);
-  await readPadded(file, dirOffset, dir);
-  const dv = new DataView(dir.buffer);
-  const out: BitmapDirEntry[] = [];
-  let at = 0;
-  for (let i = 0; i < count; i++) {
-    if (at + 24 > dir.length) throw corrupt('the bitmap directory is truncated');
-    const flags = dv.getUint32(at + 12);
-    const nameBytes = dv.getUint16(at + 18);
-    const extraBytes = dv.getUint32(at + 20);
-    const nameAt = at + 24 + extraBytes;
-    if (nameAt + nameBytes > dir.length) throw corrupt('a bitmap directory entry is truncated');
-    out.push({ name: new TextDecoder().decode(dir.subarray(nameAt, nameAt + nameBytes)), flags, flagsOffset: dirOffset + at + 12 });
-    at += Math.ceil((24 + extraBytes + nameBytes) / 8) * 8;
-  }
-  return out;
+function pad8(n: number): number {
+  return Math.ceil(n / 8) * 8;
 }
 
-/** Sets the in_use flag of `entries` in place: their content is no longer trusted by anyone. */
-export async function markBitmapsInUse(file: GrowableIO, entries: readonly BitmapDirEntry[]): Promise<void> {
-  for (const e of entries) {
-    const raw = new Uint8Array(4);
-    new DataView(raw.buffer).setUint32(0, e.flags | BITMAP_IN_USE);
-    await file.write(e.flagsOffset, raw);
-  }
+function u64Bytes(x: bigint | number): Uint8Array {
+  const raw = new Uint8Array(8);
+  new DataView(raw.buffer).setBigUint64(0, BigInt(x));
+  return raw;
+}
+
+/** The header as it is on disk now (bitmap operations never trust a cached copy). */
+export async function readHeader(file: GrowableIO, clusterBytes: number): Promise<ParsedHeader> {
+  const cluster0 = new Uint8Array(clusterBytes);
+  await readPadded(file, 0, cluster0);
+  return parseHeaderCluster(cluster0);
+}
+
+export function bitmapsExtension(p: ParsedHeader): HeaderExtension | undefined {
+  return p.extensions.find((e) => e.type === EXT_BITMAPS);
+}
+
+/** Whether the bitmaps extension is there and trusted (autoclear bit 0 set). */
+export function bitmapsConsistent(p: ParsedHeader): boolean {
+  return bitmapsExtension(p) !== undefined && (p.header.autoclearFeatures & AUTOCLEAR_BITMAPS) !== 0n;
+}
+
+async function writeSync(file: GrowableIO, offset: number, data: Uint8Array): Promise<void> {
+  await file.write(offset, data);
   await file.flush();
 }
 
-function corrupt(why: string): ShearError {
-  return new ShearError('ERR_QCOW2_CORRUPT', `Cannot read qcow2 bitmaps: ${why}`);
+async function setAutoclear(file: GrowableIO, p: ParsedHeader, on: boolean): Promise<void> {
+  const value = on ? p.header.autoclearFeatures | AUTOCLEAR_BITMAPS : p.header.autoclearFeatures & ~AUTOCLEAR_BITMAPS;
+  if (value === p.header.autoclearFeatures) return;
+  await writeSync(file, FIELD_AUTOCLEAR, u64Bytes(value));
+  p.header.autoclearFeatures = value;
+}
+
+/** Where the extension area's end marker is: after the last extension. */
+function endMarkerAt(p: ParsedHeader): number {
+  const last = p.extensions[p.extensions.length - 1];
+  return last ? last.dataOffset + pad8(last.data.length) : p.header.headerLength;
+}
+
+/**
+ * Points the header at a new bitmap directory (`next`), or removes the bitmaps (`null`). The
+ * directory `next` names must already be durable, with its refcounts. `p` is the header as read
+ * just before; it is updated to match the disk.
+ * @throws ERR_NOT_IMPLEMENTED when the extension must be added and the header cluster has no room
+ */
+export async function switchBitmapsExt(file: GrowableIO, clusterBytes: number, p: ParsedHeader, next: BitmapsExt | null): Promise<void> {
+  const ext = bitmapsExtension(p);
+  if (next === null) {
+    if (!ext) return;
+    await setAutoclear(file, p, false);
+    // With the bit clear the extension is ignored; drop it when that is one aligned 8-byte write.
+    const isLast = ext === p.extensions[p.extensions.length - 1];
+    if (isLast) {
+      await writeSync(file, ext.dataOffset - EXT_HEADER_BYTES, new Uint8Array(EXT_HEADER_BYTES));
+      p.extensions = p.extensions.filter((e) => e !== ext);
+    }
+    return;
+  }
+  const data = encodeBitmapsExt(next);
+  if (ext) {
+    if (ext.data.length !== BITMAPS_EXT_BYTES) {
+      throw new ShearError('ERR_QCOW2_CORRUPT', `Cannot update qcow2 bitmaps: the bitmaps extension is ${ext.data.length} bytes, not ${BITMAPS_EXT_BYTES}`);
+    }
+    if (!sameSector(ext.dataOffset, BITMAPS_EXT_BYTES)) await setAutoclear(file, p, false);
+    await writeSync(file, ext.dataOffset, data);
+    ext.data = data;
+    await setAutoclear(file, p, true);
+    return;
+  }
+  await addBitmapsExt(file, clusterBytes, p, data);
+}
+
+async function addBitmapsExt(file: GrowableIO, clusterBytes: number, p: ParsedHeader, data: Uint8Array): Promise<void> {
+  const h = p.header;
+  const endAt = endMarkerAt(p);
+  const newEnd = endAt + EXT_HEADER_BYTES + BITMAPS_EXT_BYTES + EXT_HEADER_BYTES;
+  const noRoom = (why: string): ShearError =>
+    new ShearError('ERR_NOT_IMPLEMENTED', `Cannot add the bitmaps extension to qcow2 image: ${why} in its ${clusterBytes}-byte header cluster`);
+  if (newEnd > clusterBytes) throw noRoom('there is no room');
+  const nameBytes = h.backingFileOffset !== 0 ? h.backingFileSize : 0;
+  if (nameBytes > 0 && h.backingFileOffset < newEnd && h.backingFileOffset + nameBytes > endAt) {
+    const to = Math.max(newEnd, h.backingFileOffset + nameBytes);
+    if (to + nameBytes > clusterBytes) throw noRoom('the backing file name cannot be moved');
+    const name = new Uint8Array(nameBytes);
+    await readPadded(file, h.backingFileOffset, name);
+    await writeSync(file, to, name);
+    await writeSync(file, FIELD_BACKING_FILE_OFFSET, u64Bytes(to));
+    h.backingFileOffset = to;
+  }
+  // Data and the new end marker past the current end marker, then the type/length over it.
+  const body = new Uint8Array(BITMAPS_EXT_BYTES + EXT_HEADER_BYTES);
+  body.set(data);
+  await writeSync(file, endAt + EXT_HEADER_BYTES, body);
+  const head = new Uint8Array(EXT_HEADER_BYTES);
+  const hv = new DataView(head.buffer);
+  hv.setUint32(0, EXT_BITMAPS);
+  hv.setUint32(4, BITMAPS_EXT_BYTES);
+  await writeSync(file, endAt, head);
+  p.extensions.push({ type: EXT_BITMAPS, dataOffset: endAt + EXT_HEADER_BYTES, data });
+  await setAutoclear(file, p, true);
 }

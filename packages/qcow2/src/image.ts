@@ -478,11 +478,21 @@ export class Qcow2Image implements BlockIO {
     if (opts?.fua) await this.flush();
   }
 
+  /**
+   * Whether unallocated clusters may read as something else than zeroes for someone: the
+   * image has a backing image now, or names one in its header. An incremental target opened
+   * with `backing: null` still names its base, and whoever opens the chain later must see
+   * zeroes where zeroes were written, so zero writes and discards use the zero flag then too.
+   */
+  get #chained(): boolean {
+    return this.#backing !== null || this.#parsed.backingFile !== null;
+  }
+
   /** Zeroes part of one cluster, unless it already reads as zeroes (the caller holds its lock). */
   async #zeroPartialLocked(from: number, to: number): Promise<void> {
     const [first, end] = this.#clusterRange(from, to - from);
     const [e] = await this.#md.mutex.run(() => this.#md.lookupRange(first, 1));
-    if (e!.kind === 'zero-plain' || e!.kind === 'zero-alloc' || (e!.kind === 'unallocated' && !this.#backing)) return;
+    if (e!.kind === 'zero-plain' || e!.kind === 'zero-alloc' || (e!.kind === 'unallocated' && !this.#chained)) return;
     await this.#writeLocked(from, new Uint8Array(to - from), first, end);
   }
 
@@ -537,11 +547,11 @@ export class Qcow2Image implements BlockIO {
     const hasHost = e.kind === 'normal' || e.kind === 'zero-alloc' || e.kind === 'compressed';
     const zeroPlain = encodeStandard(0, { copied: false, zero: true });
     if (mode === 'discard') {
-      if (this.#backing) return e.kind === 'zero-plain' ? null : { raw: zeroPlain, drop: hasHost };
+      if (this.#chained) return e.kind === 'zero-plain' ? null : { raw: zeroPlain, drop: hasHost };
       return e.kind === 'unallocated' ? null : { raw: EMPTY_ENTRY, drop: hasHost };
     }
     // Without a backing file an unallocated cluster already reads as zeroes: no L2 table is spent on it.
-    if (e.kind === 'unallocated' && !this.#backing) return null;
+    if (e.kind === 'unallocated' && !this.#chained) return null;
     if (mode === 'zero-unmap') return e.kind === 'zero-plain' ? null : { raw: zeroPlain, drop: hasHost };
     if (e.kind === 'zero-plain' || (e.kind === 'zero-alloc' && e.copied)) return null;
     if (e.kind === 'normal' && e.copied) return { raw: encodeStandard(e.hostOffset, { copied: true, zero: true }), drop: false };

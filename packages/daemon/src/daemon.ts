@@ -1,0 +1,116 @@
+import { BlockGraph } from '@shear/block';
+import { addBlockdev } from '@shear/blockdev';
+import { CopyWorkerPool } from '@shear/block-copy';
+import { JobManager } from '@shear/jobs';
+import { CommandRegistry, QmpServer } from '@shear/qmp';
+import type { DaemonContext, DaemonLogger } from './context.js';
+import { registerBlockNodeCommands } from './commands/block-nodes.js';
+import { registerJobCommands } from './commands/job-commands.js';
+import { registerBitmapAndTransactionCommands } from './commands/transaction.js';
+import { registerIoCommand } from './commands/io-command.js';
+
+export interface DaemonOptions {
+  /** QMP on a UNIX socket (mode 0600) and/or loopback TCP. */
+  qmp: { path?: string; tcp?: { port: number; host?: string } };
+  /** Nodes to open at start, as --blockdev JSON objects (blockdev-add arguments). */
+  blockdevs?: unknown[];
+  /** Copy worker threads; default the machine's parallelism; 0 = copy on the main thread. */
+  workers?: number;
+  /** Confine file names given to blockdev-add to these directories. */
+  allowedDirs?: string[];
+  log: DaemonLogger;
+}
+
+/**
+ * The daemon: one block graph, one job manager, one worker pool, one QMP server. Owns all of
+ * them; shutdown() releases them in order: stop taking commands, cancel jobs and wait for
+ * them, close nodes (parents first), stop the workers.
+ */
+export class ShearDaemon {
+  readonly graph = new BlockGraph();
+  readonly jobs: JobManager;
+  readonly pool: CopyWorkerPool | undefined;
+  readonly qmp: QmpServer;
+  readonly log: DaemonLogger;
+  readonly #ctx: DaemonContext;
+  #shutdown: Promise<void> | undefined;
+  #closed!: () => void;
+  /** Resolves once the daemon has shut down (quit, signal, or shutdown()). */
+  readonly closed: Promise<void>;
+
+  private constructor(opts: DaemonOptions) {
+    this.log = opts.log;
+    this.closed = new Promise((resolve) => (this.#closed = resolve));
+    const registry = new CommandRegistry();
+    this.qmp = new QmpServer({
+      ...(opts.qmp.path ? { path: opts.qmp.path } : {}),
+      ...(opts.qmp.tcp ? { tcp: opts.qmp.tcp } : {}),
+      registry,
+      log: opts.log,
+      onQuit: () => this.shutdown('quit'),
+    });
+    this.jobs = new JobManager((event, data) => {
+      this.log.info({ evt: `job.${event}`, job: data['id'] ?? data['device'], ...data }, event);
+      this.qmp.emit(event, data);
+    });
+    this.pool = opts.workers === 0 ? undefined : new CopyWorkerPool(opts.workers !== undefined ? { workers: opts.workers } : {});
+    this.#ctx = {
+      graph: this.graph,
+      jobs: this.jobs,
+      pool: this.pool,
+      log: opts.log,
+      emit: (event, data) => this.qmp.emit(event, data),
+      allowedDirs: opts.allowedDirs,
+    };
+    registerBlockNodeCommands(registry, this.#ctx);
+    registerBitmapAndTransactionCommands(registry, this.#ctx);
+    registerJobCommands(registry, this.#ctx);
+    registerIoCommand(registry, this.#ctx);
+  }
+
+  /** Opens the --blockdev nodes, then starts listening. On failure everything is released. */
+  static async start(opts: DaemonOptions): Promise<ShearDaemon> {
+    const d = new ShearDaemon(opts);
+    try {
+      for (const b of opts.blockdevs ?? []) await addBlockdev(d.graph, b, opts.allowedDirs ? { allowedDirs: opts.allowedDirs } : {});
+      await d.qmp.listen();
+    } catch (err) {
+      await d.shutdown('start failed');
+      throw err;
+    }
+    d.log.info({ evt: 'daemon.started', qmp: opts.qmp, nodes: d.graph.nodes().map((n) => n.name), workers: d.pool?.workers ?? 0 }, 'shear daemon started');
+    return d;
+  }
+
+  shutdown(reason: string): Promise<void> {
+    this.#shutdown ??= this.#doShutdown(reason);
+    return this.#shutdown;
+  }
+
+  async #doShutdown(reason: string): Promise<void> {
+    this.log.info({ evt: 'daemon.stopping', reason }, 'shear daemon stopping');
+    const errors: unknown[] = [];
+    const step = async (name: string, fn: () => Promise<void>) => {
+      try {
+        await fn();
+      } catch (err) {
+        errors.push(err);
+        this.log.error({ evt: 'daemon.shutdown_step_failed', step: name, err }, 'shutdown step failed');
+      }
+    };
+    await step('qmp', () => this.qmp.close());
+    await step('jobs', () => this.jobs.cancelAll());
+    await step('nodes', async () => {
+      for (let left = this.graph.nodes(); left.length > 0; left = this.graph.nodes()) {
+        // Users (x-shear-io writers, exports) go with the daemon.
+        for (const n of left) for (const e of [...n.parentEdges]) if (!('info' in e.parent)) this.graph.detachUser(e);
+        const free = left.filter((n) => n.parentEdges.size === 0);
+        if (free.length === 0) throw new Error(`nodes still in use: ${left.map((n) => n.name).join(', ')}`);
+        for (const n of free) await this.graph.removeNode(n.name);
+      }
+    });
+    await step('workers', async () => this.pool?.destroy());
+    this.log.info({ evt: 'daemon.stopped', reason, failedSteps: errors.length }, 'shear daemon stopped');
+    this.#closed();
+  }
+}

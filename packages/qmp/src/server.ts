@@ -1,0 +1,222 @@
+import { readFileSync } from 'node:fs';
+import net from 'node:net';
+import { ShearError } from '@shear/base';
+import { registerBuiltins, type QmpVersionInfo } from './builtins.js';
+import type { JsonStreamLimits } from './json-stream.js';
+import { toQmpJson } from './json-writer.js';
+import { silentLogger, type QmpLogger } from './logger.js';
+import { CommandRegistry } from './registry.js';
+import { QmpSession, type SessionHost } from './session.js';
+import { listenUnix, type UnixListener } from './unix-socket.js';
+
+/** QEMU release whose QMP behaviour Shear reproduces, reported in the greeting. */
+export const QEMU_COMPAT_VERSION = { micro: 0, minor: 2, major: 7 } as const;
+export const DEFAULT_MAX_OUTPUT_BYTES = 16 * 1024 * 1024;
+export const DEFAULT_CLOSE_TIMEOUT_MS = 10_000;
+
+const SHEAR_VERSION: string = (JSON.parse(readFileSync(new URL('../package.json', import.meta.url), 'utf8')) as { version: string }).version;
+
+export interface QmpServerOptions {
+  /** UNIX socket to listen on (created 0600; a stale socket there is replaced, anything else refused). */
+  path?: string;
+  /** Also listen on TCP; only loopback hosts are accepted. Port 0 picks a free port. */
+  tcp?: { port: number; host?: string };
+  /** Commands to serve; the built-ins are added to it. Default: a new registry. */
+  registry?: CommandRegistry;
+  log?: QmpLogger;
+  /** Default `{ qemu: 7.2.0, package: "Shear <version>" }`. */
+  version?: QmpVersionInfo;
+  /** Runs after `quit` replied. Default: close this server. */
+  onQuit?: () => void | Promise<void>;
+  /** Input limits per message (bytes, tokens, nesting depth). */
+  limits?: Partial<JsonStreamLimits>;
+  /** A client that lets this much unread output pile up is disconnected. */
+  maxOutputBytes?: number;
+  /** How long close() waits for running commands and for clients to go, before destroying. */
+  closeTimeoutMs?: number;
+}
+
+export interface QmpEventTimestamp {
+  seconds: number;
+  microseconds: number;
+}
+
+/** Wall-clock time with microseconds, as QMP event timestamps carry it. */
+export function qmpTimestamp(): QmpEventTimestamp {
+  const us = Math.floor((performance.timeOrigin + performance.now()) * 1000);
+  return { seconds: Math.floor(us / 1_000_000), microseconds: us % 1_000_000 };
+}
+
+function isLoopbackHost(host: string): boolean {
+  if (host === 'localhost' || host === '::1') return true;
+  return net.isIPv4(host) && host.startsWith('127.');
+}
+
+/**
+ * A QMP-compatible control server. Each connection gets the greeting, must negotiate with
+ * `qmp_capabilities`, then runs commands from `registry` one after another. Different
+ * connections run concurrently. `emit` broadcasts events to negotiated connections.
+ *
+ * Ownership: the server owns its listeners and every session; close() releases all of them.
+ */
+export class QmpServer implements SessionHost {
+  readonly registry: CommandRegistry;
+  readonly log: QmpLogger;
+  readonly version: QmpVersionInfo;
+  readonly limits: Partial<JsonStreamLimits>;
+  readonly maxOutputBytes: number;
+  readonly greetingLine: string;
+
+  readonly #opts: QmpServerOptions;
+  readonly #sessions = new Set<QmpSession>();
+  readonly #sessionsEnded = new Set<() => void>();
+  #nextSessionId = 1;
+  #unix: UnixListener | undefined;
+  #tcp: net.Server | undefined;
+  #listening = false;
+  #closing: Promise<void> | undefined;
+
+  constructor(opts: QmpServerOptions = {}) {
+    if (opts.path === undefined && opts.tcp === undefined) {
+      throw new ShearError('ERR_INVALID_ARGUMENT', 'Cannot create QMP server: neither a socket path nor a TCP port was given');
+    }
+    if (opts.tcp && !isLoopbackHost(opts.tcp.host ?? '127.0.0.1')) {
+      throw new ShearError('ERR_INVALID_ARGUMENT', `Cannot create QMP server on "${opts.tcp.host}": only loopback addresses are allowed`);
+    }
+    this.#opts = opts;
+    this.registry = opts.registry ?? new CommandRegistry();
+    this.log = (opts.log ?? silentLogger).child({ component: 'qmp' });
+    this.version = opts.version ?? { qemu: { ...QEMU_COMPAT_VERSION }, package: `Shear ${SHEAR_VERSION}` };
+    this.limits = opts.limits ?? {};
+    this.maxOutputBytes = opts.maxOutputBytes ?? DEFAULT_MAX_OUTPUT_BYTES;
+    const capabilities: string[] = [];
+    this.greetingLine = toQmpJson({ QMP: { version: this.version, capabilities } });
+    registerBuiltins(this.registry, {
+      version: this.version,
+      capabilities,
+      quit: () => {
+        const hook = this.#opts.onQuit ?? (() => this.close());
+        Promise.resolve()
+          .then(hook)
+          .catch((err: unknown) => this.log.error({ err }, 'qmp quit hook failed'));
+      },
+    });
+  }
+
+  /** Starts listening. @throws ERR_QMP_SOCKET_IN_USE, or a system error from bind */
+  async listen(): Promise<void> {
+    if (this.#listening || this.#closing) {
+      throw new ShearError('ERR_INVALID_ARGUMENT', 'Cannot start QMP server: it was started already');
+    }
+    this.#listening = true;
+    try {
+      if (this.#opts.path !== undefined) {
+        this.#unix = await listenUnix(this.#opts.path, (socket) => this.#accept(socket, 'unix'));
+        this.log.info({ path: this.#unix.path }, 'qmp listening');
+      }
+      if (this.#opts.tcp) {
+        const server = net.createServer((socket) => {
+          socket.setNoDelay(true);
+          this.#accept(socket, `tcp:${socket.remoteAddress}:${socket.remotePort}`);
+        });
+        await new Promise<void>((done, fail) => {
+          server.once('error', fail);
+          server.listen(this.#opts.tcp?.port, this.#opts.tcp?.host ?? '127.0.0.1', () => {
+            server.off('error', fail);
+            done();
+          });
+        });
+        this.#tcp = server;
+        this.log.info({ address: server.address() }, 'qmp listening');
+      }
+    } catch (err) {
+      await this.close();
+      throw err;
+    }
+  }
+
+  /** The UNIX socket path (absolute) once listening. */
+  get path(): string | undefined {
+    return this.#unix?.path;
+  }
+
+  /** The TCP address once listening. */
+  get tcpAddress(): net.AddressInfo | undefined {
+    const a = this.#tcp?.address();
+    return a && typeof a === 'object' ? a : undefined;
+  }
+
+  get sessionCount(): number {
+    return this.#sessions.size;
+  }
+
+  /**
+   * Broadcasts an event to every negotiated session (sessions still negotiating get nothing,
+   * as in QEMU, and nothing is queued for them). Returns how many sessions it was sent to.
+   */
+  emit(event: string, data?: Record<string, unknown>): number {
+    if (typeof event !== 'string' || event.length === 0) {
+      throw new ShearError('ERR_INVALID_ARGUMENT', 'Cannot emit QMP event: the name is empty');
+    }
+    const message = data === undefined
+      ? { timestamp: qmpTimestamp(), event }
+      : { timestamp: qmpTimestamp(), event, data };
+    const line = toQmpJson(message);
+    let sent = 0;
+    for (const s of this.#sessions) if (s.sendEvent(line)) sent++;
+    return sent;
+  }
+
+  /**
+   * Stops accepting, cancels running commands through their AbortSignal, waits for them to
+   * settle and for every connection to close (at most closeTimeoutMs, then destroys), removes
+   * the socket file. Idempotent.
+   */
+  close(): Promise<void> {
+    this.#closing ??= this.#close();
+    return this.#closing;
+  }
+
+  async [Symbol.asyncDispose](): Promise<void> {
+    await this.close();
+  }
+
+  async #close(): Promise<void> {
+    const unixClosed = this.#unix?.close();
+    const tcp = this.#tcp;
+    const tcpClosed = tcp ? new Promise<void>((done) => tcp.close(() => done())) : undefined;
+    let timer: NodeJS.Timeout | undefined;
+    const deadline = new Promise<void>((done) => {
+      timer = setTimeout(done, this.#opts.closeTimeoutMs ?? DEFAULT_CLOSE_TIMEOUT_MS);
+    });
+    try {
+      const reason = new ShearError('ERR_ABORTED', 'Cannot finish QMP command: the server is closing');
+      await Promise.all([...this.#sessions].map((s) => s.shutdown(reason, deadline)));
+      // Sessions whose socket closed but whose command is still running end later.
+      if (this.#sessions.size > 0) {
+        await Promise.race([new Promise<void>((done) => this.#sessionsEnded.add(() => this.#sessions.size === 0 && done())), deadline]);
+      }
+    } finally {
+      clearTimeout(timer);
+      this.#sessionsEnded.clear();
+    }
+    await Promise.all([unixClosed, tcpClosed]);
+    this.log.info({}, 'qmp server closed');
+  }
+
+  #accept(socket: net.Socket, peer: string): void {
+    if (this.#closing) {
+      socket.destroy();
+      return;
+    }
+    const session = new QmpSession(this, socket, this.#nextSessionId++, peer);
+    this.#sessions.add(session);
+    session.start();
+  }
+
+  sessionEnded(session: QmpSession): void {
+    this.#sessions.delete(session);
+    for (const fn of this.#sessionsEnded) fn();
+  }
+}
+
