@@ -106,7 +106,14 @@ export class QmpClient extends EventEmitter {
     } finally {
       clearTimeout(timer);
     }
-    if (opts.negotiate ?? true) await client.execute('qmp_capabilities');
+    if (opts.negotiate ?? true) {
+      try {
+        await client.execute('qmp_capabilities');
+      } catch (err) {
+        socket.destroy();
+        throw err;
+      }
+    }
     return client;
   }
 

@@ -2,10 +2,11 @@
  * Serialises a reply the way QEMU writes QMP: `{"a": 1, "b": [1, 2]}` (a space after `:` and
  * `,`), pure ASCII output with everything outside printable ASCII as `\uXXXX` (upper-case hex,
  * surrogate pairs for astral characters), `/` unescaped. Members keep insertion order; members
- * whose value is undefined are left out (as JSON.stringify does). Integers beyond 2^53 travel as
- * bigint. Non-finite numbers, which JSON cannot carry, are written as null.
+ * whose value is undefined, a function or a symbol are left out (as JSON.stringify does); objects
+ * with toJSON are written as what it returns. Integers beyond 2^53 travel as bigint. Non-finite
+ * numbers, which JSON cannot carry, are written as null.
  *
- * @throws TypeError on a cycle or on a value JSON has no form for (function, symbol)
+ * @throws TypeError on a cycle, or on a function or symbol outside an object member
  */
 export function toQmpJson(value: unknown): string {
   const parts: string[] = [];

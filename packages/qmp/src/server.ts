@@ -41,9 +41,18 @@ export interface QmpEventTimestamp {
   microseconds: number;
 }
 
-/** Wall-clock time with microseconds, as QMP event timestamps carry it. */
+/** Wall-clock offset of the monotonic clock; follows steps of the wall clock (NTP, manual). */
+let wallOffsetMs = performance.timeOrigin;
+
+/**
+ * Wall-clock time with microseconds, as QMP event timestamps carry it: Date.now() has only
+ * milliseconds, so the sub-millisecond part comes from the monotonic clock.
+ */
 export function qmpTimestamp(): QmpEventTimestamp {
-  const us = Math.floor((performance.timeOrigin + performance.now()) * 1000);
+  const mono = performance.now();
+  const wall = Date.now();
+  if (Math.abs(mono + wallOffsetMs - wall) > 1) wallOffsetMs = wall - mono;
+  const us = Math.floor((mono + wallOffsetMs) * 1000);
   return { seconds: Math.floor(us / 1_000_000), microseconds: us % 1_000_000 };
 }
 
@@ -59,15 +68,13 @@ function isLoopbackHost(host: string): boolean {
  *
  * Ownership: the server owns its listeners and every session; close() releases all of them.
  */
-export class QmpServer implements SessionHost {
+export class QmpServer {
   readonly registry: CommandRegistry;
-  readonly log: QmpLogger;
   readonly version: QmpVersionInfo;
-  readonly limits: Partial<JsonStreamLimits>;
-  readonly maxOutputBytes: number;
-  readonly greetingLine: string;
 
   readonly #opts: QmpServerOptions;
+  readonly #log: QmpLogger;
+  readonly #host: SessionHost;
   readonly #sessions = new Set<QmpSession>();
   readonly #sessionsEnded = new Set<() => void>();
   #nextSessionId = 1;
@@ -85,12 +92,17 @@ export class QmpServer implements SessionHost {
     }
     this.#opts = opts;
     this.registry = opts.registry ?? new CommandRegistry();
-    this.log = (opts.log ?? silentLogger).child({ component: 'qmp' });
+    this.#log = (opts.log ?? silentLogger).child({ component: 'qmp' });
     this.version = opts.version ?? { qemu: { ...QEMU_COMPAT_VERSION }, package: `Shear ${SHEAR_VERSION}` };
-    this.limits = opts.limits ?? {};
-    this.maxOutputBytes = opts.maxOutputBytes ?? DEFAULT_MAX_OUTPUT_BYTES;
     const capabilities: string[] = [];
-    this.greetingLine = toQmpJson({ QMP: { version: this.version, capabilities } });
+    this.#host = {
+      registry: this.registry,
+      greetingLine: toQmpJson({ QMP: { version: this.version, capabilities } }),
+      limits: opts.limits ?? {},
+      maxOutputBytes: opts.maxOutputBytes ?? DEFAULT_MAX_OUTPUT_BYTES,
+      log: this.#log,
+      sessionEnded: (session) => this.#sessionEnded(session),
+    };
     registerBuiltins(this.registry, {
       version: this.version,
       capabilities,
@@ -98,7 +110,7 @@ export class QmpServer implements SessionHost {
         const hook = this.#opts.onQuit ?? (() => this.close());
         Promise.resolve()
           .then(hook)
-          .catch((err: unknown) => this.log.error({ err }, 'qmp quit hook failed'));
+          .catch((err: unknown) => this.#log.error({ err }, 'qmp quit hook failed'));
       },
     });
   }
@@ -112,7 +124,7 @@ export class QmpServer implements SessionHost {
     try {
       if (this.#opts.path !== undefined) {
         this.#unix = await listenUnix(this.#opts.path, (socket) => this.#accept(socket, 'unix'));
-        this.log.info({ path: this.#unix.path }, 'qmp listening');
+        this.#log.info({ path: this.#unix.path }, 'qmp listening');
       }
       if (this.#opts.tcp) {
         const server = net.createServer((socket) => {
@@ -127,7 +139,7 @@ export class QmpServer implements SessionHost {
           });
         });
         this.#tcp = server;
-        this.log.info({ address: server.address() }, 'qmp listening');
+        this.#log.info({ address: server.address() }, 'qmp listening');
       }
     } catch (err) {
       await this.close();
@@ -201,7 +213,7 @@ export class QmpServer implements SessionHost {
       this.#sessionsEnded.clear();
     }
     await Promise.all([unixClosed, tcpClosed]);
-    this.log.info({}, 'qmp server closed');
+    this.#log.info({}, 'qmp server closed');
   }
 
   #accept(socket: net.Socket, peer: string): void {
@@ -209,12 +221,12 @@ export class QmpServer implements SessionHost {
       socket.destroy();
       return;
     }
-    const session = new QmpSession(this, socket, this.#nextSessionId++, peer);
+    const session = new QmpSession(this.#host, socket, this.#nextSessionId++, peer);
     this.#sessions.add(session);
     session.start();
   }
 
-  sessionEnded(session: QmpSession): void {
+  #sessionEnded(session: QmpSession): void {
     this.#sessions.delete(session);
     for (const fn of this.#sessionsEnded) fn();
   }
