@@ -9,3 +9,14 @@ export {
   checkGranularity,
   checkBitmapName,
 } from './limits.js';
+export {
+  loadSidecar,
+  storeSidecar,
+  markSidecarInUse,
+  removeFromSidecar,
+  sidecarPath,
+  SIDECAR_SUFFIX,
+  type SidecarBitmap,
+  type SidecarContents,
+  type SidecarBitmapToStore,
+} from './sidecar.js';

@@ -2,7 +2,7 @@ import { ShearError } from '@shear/base';
 import { BITMAPS_EXT_BYTES, encodeBitmapsExt, type BitmapsExt } from './bitmaps-format.js';
 import { readPadded } from './file-util.js';
 import type { GrowableIO } from './growable-io.js';
-import { AUTOCLEAR_BITMAPS, EXT_BITMAPS, FIELD_AUTOCLEAR, parseHeaderCluster, type HeaderExtension, type ParsedHeader } from './header.js';
+import { AUTOCLEAR_BITMAPS, EXT_BITMAPS, EXT_FEATURE_TABLE, FIELD_AUTOCLEAR, parseHeaderCluster, type HeaderExtension, type ParsedHeader } from './header.js';
 
 /**
  * Changes to the bitmaps header extension and autoclear bit 0, ordered so that a crash between
@@ -22,11 +22,20 @@ import { AUTOCLEAR_BITMAPS, EXT_BITMAPS, FIELD_AUTOCLEAR, parseHeaderCluster, ty
  * length over the old end marker in one 8-byte write. The backing file name, stored right
  * after the end marker, is first copied further into the header cluster if it is in the way
  * and the header pointed at the copy.
+ *
+ * When the header cluster is full (Shear's 512-byte-cluster images: the feature name table
+ * fills it) and the feature name table is the last extension, the table gives up its last
+ * entries: the new extension is written over them, then the table's length shrinks in one
+ * aligned write. The table only names features for error messages, so the entries garbled
+ * meanwhile cost nothing but names.
  */
 
 const SECTOR_BYTES = 512;
 const EXT_HEADER_BYTES = 8;
 const FIELD_BACKING_FILE_OFFSET = 8;
+const FEATURE_ENTRY_BYTES = 48;
+/** Room the bitmaps extension needs: its type/length, its data, the new end marker. */
+const ADDED_BYTES = EXT_HEADER_BYTES + BITMAPS_EXT_BYTES + EXT_HEADER_BYTES;
 
 function sameSector(offset: number, bytes: number): boolean {
   return Math.floor(offset / SECTOR_BYTES) === Math.floor((offset + bytes - 1) / SECTOR_BYTES);
@@ -109,14 +118,35 @@ export async function switchBitmapsExt(file: GrowableIO, clusterBytes: number, p
   await addBitmapsExt(file, clusterBytes, p, data);
 }
 
+/**
+ * How many feature table entries to keep so that the new extension fits before `limit`, or
+ * null when the table is not the last extension or cannot shrink enough.
+ */
+function featureEntriesToKeep(p: ParsedHeader, limit: number): number | null {
+  const ft = p.extensions[p.extensions.length - 1];
+  if (!ft || ft.type !== EXT_FEATURE_TABLE) return null;
+  for (let k = Math.floor(ft.data.length / FEATURE_ENTRY_BYTES) - 1; k >= 0; k--) {
+    if (ft.dataOffset + pad8(k * FEATURE_ENTRY_BYTES) + ADDED_BYTES <= limit) return k;
+  }
+  return null;
+}
+
 async function addBitmapsExt(file: GrowableIO, clusterBytes: number, p: ParsedHeader, data: Uint8Array): Promise<void> {
   const h = p.header;
-  const endAt = endMarkerAt(p);
-  const newEnd = endAt + EXT_HEADER_BYTES + BITMAPS_EXT_BYTES + EXT_HEADER_BYTES;
+  const nameBytes = h.backingFileOffset !== 0 ? h.backingFileSize : 0;
   const noRoom = (why: string): ShearError =>
     new ShearError('ERR_NOT_IMPLEMENTED', `Cannot add the bitmaps extension to qcow2 image: ${why} in its ${clusterBytes}-byte header cluster`);
-  if (newEnd > clusterBytes) throw noRoom('there is no room');
-  const nameBytes = h.backingFileOffset !== 0 ? h.backingFileSize : 0;
+  let endAt = endMarkerAt(p);
+  let keepFeatures: number | null = null;
+  if (endAt + ADDED_BYTES > clusterBytes) {
+    // Shrinking the feature table is only done where the backing file name need not move too.
+    const limit = nameBytes > 0 && h.backingFileOffset >= endAt ? h.backingFileOffset : clusterBytes;
+    keepFeatures = featureEntriesToKeep(p, limit);
+    if (keepFeatures === null) throw noRoom('there is no room');
+    const ft = p.extensions[p.extensions.length - 1]!;
+    endAt = ft.dataOffset + pad8(keepFeatures * FEATURE_ENTRY_BYTES);
+  }
+  const newEnd = endAt + ADDED_BYTES;
   if (nameBytes > 0 && h.backingFileOffset < newEnd && h.backingFileOffset + nameBytes > endAt) {
     const to = Math.max(newEnd, h.backingFileOffset + nameBytes);
     if (to + nameBytes > clusterBytes) throw noRoom('the backing file name cannot be moved');
@@ -126,7 +156,8 @@ async function addBitmapsExt(file: GrowableIO, clusterBytes: number, p: ParsedHe
     await writeSync(file, FIELD_BACKING_FILE_OFFSET, u64Bytes(to));
     h.backingFileOffset = to;
   }
-  // Data and the new end marker past the current end marker, then the type/length over it.
+  // Data and the new end marker where no reader looks yet, then the type/length that links
+  // them in (over the old end marker; or inside the feature table, which then shrinks).
   const body = new Uint8Array(BITMAPS_EXT_BYTES + EXT_HEADER_BYTES);
   body.set(data);
   await writeSync(file, endAt + EXT_HEADER_BYTES, body);
@@ -135,6 +166,13 @@ async function addBitmapsExt(file: GrowableIO, clusterBytes: number, p: ParsedHe
   hv.setUint32(0, EXT_BITMAPS);
   hv.setUint32(4, BITMAPS_EXT_BYTES);
   await writeSync(file, endAt, head);
+  if (keepFeatures !== null) {
+    const ft = p.extensions[p.extensions.length - 1]!;
+    const len = new Uint8Array(4);
+    new DataView(len.buffer).setUint32(0, keepFeatures * FEATURE_ENTRY_BYTES);
+    await writeSync(file, ft.dataOffset - 4, len);
+    ft.data = ft.data.slice(0, keepFeatures * FEATURE_ENTRY_BYTES);
+  }
   p.extensions.push({ type: EXT_BITMAPS, dataOffset: endAt + EXT_HEADER_BYTES, data });
   await setAutoclear(file, p, true);
 }

@@ -1,7 +1,15 @@
 import { ShearError, assertRange } from '@shear/base';
 import type { BlockIO, BlockStatusExtent, HostExtent, HostMappable, WriteMapping, WriteOptions, WriteZeroesOptions } from '@shear/block';
 import type { Allocator } from './allocator.js';
-import { BITMAP_AUTO, BITMAP_IN_USE, markBitmapsInUse, readBitmapDirectory, type BitmapDirEntry } from './bitmaps-ext.js';
+import {
+  loadStoredBitmaps,
+  markInUse,
+  removeBitmapsFrom,
+  storeBitmapsIn,
+  type BitmapContext,
+  type BitmapToStore,
+  type StoredBitmap,
+} from './bitmaps-store.js';
 import { inflateCluster, deflateCluster } from './compressed.js';
 import { formatQcow2, type Qcow2CreateOptions } from './create.js';
 import { EMPTY_ENTRY, encodeCompressed, encodeStandard, type ClusterEntry, type RawEntry } from './entries.js';
@@ -38,10 +46,14 @@ export interface Qcow2OpenOptions {
   l2CacheBytes?: number;
   /**
    * What to do, when opening for writing, with persistent bitmaps that are enabled ("auto") and
-   * consistent: Shear cannot keep them up to date yet, so by default the open is refused;
-   * 'mark-inconsistent' sets their in_use flag (QEMU then reports them inconsistent).
+   * consistent: the image alone cannot keep them up to date, so by default the open is refused.
+   * - 'mark-inconsistent' sets their in_use flag (QEMU then reports them inconsistent).
+   * - 'take' loads every consistent bitmap (enabled or not; `takenBitmaps`) and sets its in_use
+   *   flag on disk, as QEMU does when it opens an image read-write: the caller now owns them,
+   *   records writes in them and stores them back (`storeBitmaps(..., { inUse: false })`) on a
+   *   clean close. A crash before that leaves them inconsistent, never silently stale.
    */
-  enabledBitmaps?: 'refuse' | 'mark-inconsistent';
+  enabledBitmaps?: 'refuse' | 'mark-inconsistent' | 'take';
   /**
    * Direct access to the protocol file's bytes for worker threads (the graph passes its child
    * edge's hostMapping()); null for none. Default: `file` itself when it is HostMappable or
@@ -78,6 +90,8 @@ export interface Qcow2WriteMapping {
 interface MappingState {
   items: PlanItem[];
   release: () => void;
+  /** Ends the mapping's part in the persistent-bitmap guard (see #enterChange). */
+  leave: () => void;
 }
 
 type RewriteMode = 'zero' | 'zero-unmap' | 'discard';
@@ -116,6 +130,18 @@ export class Qcow2Image implements BlockIO {
   readonly #locks = new RangeLock();
   readonly #mappings = new Map<Qcow2WriteMapping, MappingState>();
   readonly #compressedCache = new Map<string, Uint8Array>();
+  readonly #taken: readonly StoredBitmap[];
+  /**
+   * Enabled bitmaps this image stored consistent (in_use clear): the next change to the disk
+   * must set their in_use flag, durably, before it can reach the disk.
+   */
+  readonly #cleanEnabled = new Set<string>();
+  #markingInUse: Promise<void> | null = null;
+  /** Changes to the disk under way (writes, zeroes, discards, outstanding write mappings). */
+  #changes = 0;
+  #whenNoChanges: (() => void)[] = [];
+  /** Set while enabled bitmaps are being stored consistent: new changes wait for it. */
+  #cleanStore: Promise<void> | null = null;
   #state: 'open' | 'closing' | 'closed' = 'open';
   #closePromise: Promise<void> | null = null;
 
@@ -129,7 +155,9 @@ export class Qcow2Image implements BlockIO {
     rc: Refcounts | null;
     l2CacheBytes: number;
     fileMapping: HostMappable | null | undefined;
+    taken: readonly StoredBitmap[];
   }) {
+    this.#taken = args.taken;
     this.#fileMapping = args.fileMapping;
     this.#file = args.file;
     this.#backing = args.backing;
@@ -169,16 +197,23 @@ export class Qcow2Image implements BlockIO {
         ? null
         : await Refcounts.load(file, 2 ** clusterBits, h.refcountOrder, h.refcountTableOffset, h.refcountTableClusters);
 
-      let liveBitmaps: BitmapDirEntry[] = [];
+      let toMark: string[] = [];
+      let taken: StoredBitmap[] = [];
+      const bitmapCtx: BitmapContext = { file, clusterBytes: 2 ** clusterBits, diskBytes: h.size, rc: null, alloc: null };
       const bitmapsExt = parsed.extensions.find((e) => e.type === EXT_BITMAPS);
       if (!readOnly && bitmapsExt && h.autoclearFeatures & AUTOCLEAR_BITMAPS) {
-        const dir = await readBitmapDirectory(file, bitmapsExt.data);
-        liveBitmaps = dir.filter((b) => b.flags & BITMAP_AUTO && !(b.flags & BITMAP_IN_USE));
-        if (liveBitmaps.length > 0 && opts.enabledBitmaps !== 'mark-inconsistent') {
-          throw new ShearError(
-            'ERR_NOT_IMPLEMENTED',
-            `Cannot open qcow2 image for writing: it has enabled persistent bitmap(s) ${liveBitmaps.map((b) => `'${b.name}'`).join(', ')}, which Shear cannot keep up to date yet`,
-          );
+        if (opts.enabledBitmaps === 'take') {
+          taken = await loadStoredBitmaps(bitmapCtx);
+          toMark = taken.filter((b) => !b.flags.inUse).map((b) => b.name);
+        } else {
+          const live = (await loadStoredBitmaps(bitmapCtx, false)).filter((b) => b.flags.auto && !b.flags.inUse);
+          if (live.length > 0 && opts.enabledBitmaps !== 'mark-inconsistent') {
+            throw new ShearError(
+              'ERR_NOT_IMPLEMENTED',
+              `Cannot open qcow2 image for writing: it has enabled persistent bitmap(s) ${live.map((b) => `'${b.name}'`).join(', ')}, which the image alone cannot keep up to date (open with enabledBitmaps 'take' or 'mark-inconsistent')`,
+            );
+          }
+          toMark = live.map((b) => b.name);
         }
       }
 
@@ -197,7 +232,7 @@ export class Qcow2Image implements BlockIO {
 
       // Changes to the image come last, once nothing else can make the open fail.
       if (!readOnly) {
-        if (liveBitmaps.length > 0) await markBitmapsInUse(file, liveBitmaps);
+        if (toMark.length > 0) await markInUse(bitmapCtx, toMark);
         const unknownAutoclear = h.autoclearFeatures & ~KNOWN_AUTOCLEAR;
         if (unknownAutoclear !== 0n) {
           // The spec lets a writer that does not know an autoclear feature write only after clearing it.
@@ -218,6 +253,7 @@ export class Qcow2Image implements BlockIO {
         rc,
         l2CacheBytes: opts.l2CacheBytes ?? DEFAULT_L2_CACHE_BYTES,
         fileMapping: opts.fileMapping,
+        taken,
       });
     } catch (err) {
       if (ownsBacking) await backing?.close().catch(() => undefined);
@@ -400,12 +436,17 @@ export class Qcow2Image implements BlockIO {
     this.#checkWritable('write');
     assertRange(offset, buf.length, this.length, 'write');
     if (buf.length === 0) return;
-    const [first, end] = this.#clusterRange(offset, buf.length);
-    const release = await this.#locks.acquire(first, end, true);
+    const leave = await this.#enterChange();
     try {
-      await this.#writeLocked(offset, buf, first, end);
+      const [first, end] = this.#clusterRange(offset, buf.length);
+      const release = await this.#locks.acquire(first, end, true);
+      try {
+        await this.#writeLocked(offset, buf, first, end);
+      } finally {
+        release();
+      }
     } finally {
-      release();
+      leave();
     }
     if (opts?.fua) await this.flush();
   }
@@ -466,14 +507,19 @@ export class Qcow2Image implements BlockIO {
     if (opts?.fastOnly && partial.length > 0) {
       throw new ShearError('ERR_NOT_IMPLEMENTED', `Cannot write zeroes fast to qcow2 image at (${offset}, ${bytes}): it covers part of a cluster`, { offset, bytes });
     }
-    // One lock over the whole request, so it applies as a unit against overlapping requests.
-    const [firstCluster, endCluster] = this.#clusterRange(offset, bytes);
-    const release = await this.#locks.acquire(firstCluster, endCluster, true);
+    const leave = await this.#enterChange();
     try {
-      for (const [from, to] of partial) await this.#zeroPartialLocked(from, to);
-      if (wholeFrom < wholeTo) await this.#rewriteLocked(wholeFrom / C, wholeTo / C, opts?.mayUnmap ? 'zero-unmap' : 'zero');
+      // One lock over the whole request, so it applies as a unit against overlapping requests.
+      const [firstCluster, endCluster] = this.#clusterRange(offset, bytes);
+      const release = await this.#locks.acquire(firstCluster, endCluster, true);
+      try {
+        for (const [from, to] of partial) await this.#zeroPartialLocked(from, to);
+        if (wholeFrom < wholeTo) await this.#rewriteLocked(wholeFrom / C, wholeTo / C, opts?.mayUnmap ? 'zero-unmap' : 'zero');
+      } finally {
+        release();
+      }
     } finally {
-      release();
+      leave();
     }
     if (opts?.fua) await this.flush();
   }
@@ -509,11 +555,16 @@ export class Qcow2Image implements BlockIO {
     const first = Math.ceil(offset / C);
     const last = end === this.length ? Math.ceil(end / C) : Math.floor(end / C);
     if (first >= last) return;
-    const release = await this.#locks.acquire(first, last, true);
+    const leave = await this.#enterChange();
     try {
-      await this.#rewriteLocked(first, last, 'discard');
+      const release = await this.#locks.acquire(first, last, true);
+      try {
+        await this.#rewriteLocked(first, last, 'discard');
+      } finally {
+        release();
+      }
     } finally {
-      release();
+      leave();
     }
   }
 
@@ -689,7 +740,11 @@ export class Qcow2Image implements BlockIO {
   async #storeDeflated(offset: number, packed: Uint8Array, alloc: Allocator): Promise<void> {
     const C = this.#C;
     const g = offset / C;
-    const release = await this.#locks.acquire(g, g + 1, true);
+    const leave = await this.#enterChange();
+    const release = await this.#locks.acquire(g, g + 1, true).catch((err: unknown) => {
+      leave();
+      throw err;
+    });
     try {
       const host = await this.#md.mutex.run(() => alloc.allocateCompressed(packed.length));
       try {
@@ -705,6 +760,7 @@ export class Qcow2Image implements BlockIO {
       });
     } finally {
       release();
+      leave();
     }
   }
 
@@ -726,12 +782,17 @@ export class Qcow2Image implements BlockIO {
     assertRange(offset, bytes, this.length, 'write mapping');
     if (bytes === 0) {
       const empty: Qcow2WriteMapping = Object.freeze({ offset, bytes, extents: Object.freeze([]) });
-      this.#mappings.set(empty, { items: [], release: () => undefined });
+      this.#mappings.set(empty, { items: [], release: () => undefined, leave: () => undefined });
       return empty;
     }
     const C = this.#C;
     const [first, end] = this.#clusterRange(offset, bytes);
-    const release = await this.#locks.acquire(first, end, true);
+    // The mapping counts as a change to the disk until it is committed or aborted.
+    const leave = await this.#enterChange();
+    const release = await this.#locks.acquire(first, end, true).catch((err: unknown) => {
+      leave();
+      throw err;
+    });
     let items: PlanItem[] = [];
     const extents: MappedExtent[] = [];
     try {
@@ -749,10 +810,11 @@ export class Qcow2Image implements BlockIO {
     } catch (err) {
       await this.#md.releaseFresh(items).catch(() => undefined);
       release();
+      leave();
       throw err;
     }
     const mapping: Qcow2WriteMapping = Object.freeze({ offset, bytes, extents: Object.freeze(extents.map((x) => Object.freeze(x))) });
-    this.#mappings.set(mapping, { items, release });
+    this.#mappings.set(mapping, { items, release, leave });
     return mapping;
   }
 
@@ -780,6 +842,7 @@ export class Qcow2Image implements BlockIO {
       await this.#md.mutex.run(() => this.#md.commit(st.items));
     } finally {
       st.release();
+      st.leave();
     }
   }
 
@@ -790,6 +853,7 @@ export class Qcow2Image implements BlockIO {
       await this.#md.releaseFresh(st.items);
     } finally {
       st.release();
+      st.leave();
     }
   }
 
@@ -885,6 +949,138 @@ export class Qcow2Image implements BlockIO {
       },
       abort: abortAll,
     };
+  }
+
+  // ---------------------------------------------------------------- persistent bitmaps
+
+  /**
+   * The bitmaps loaded when the image was opened with `enabledBitmaps: 'take'`, flags as they
+   * were found (their in_use flag is now set on disk); empty otherwise.
+   */
+  get takenBitmaps(): readonly StoredBitmap[] {
+    return this.#taken;
+  }
+
+  #bitmapContext(): BitmapContext {
+    return { file: this.#file, clusterBytes: this.#C, diskBytes: this.length, rc: this.#md.rc, alloc: this.#md.alloc };
+  }
+
+  /** Keeps the cached header in step with the bitmap operations' header changes. */
+  #syncHeader(p: ParsedHeader): void {
+    this.#parsed.extensions = p.extensions;
+    this.#parsed.header.autoclearFeatures = p.header.autoclearFeatures;
+    this.#parsed.header.backingFileOffset = p.header.backingFileOffset;
+  }
+
+  /**
+   * The bitmaps stored in the image, read from disk now (directory order). Bits are loaded for
+   * consistent bitmaps unless `withBits` is false. An extension without autoclear bit 0 is
+   * ignored (a writer that did not know bitmaps changed the image), as QEMU does.
+   * @throws ERR_QCOW2_CORRUPT for a malformed directory or table
+   */
+  async loadBitmaps(opts: { withBits?: boolean } = {}): Promise<StoredBitmap[]> {
+    this.#checkOpen('load bitmaps of');
+    return this.#md.mutex.run(() => loadStoredBitmaps(this.#bitmapContext(), opts.withBits ?? true));
+  }
+
+  /**
+   * Writes `bitmaps` into the image: bitmaps with new names are added, same names replaced;
+   * other stored bitmaps are left as they are. Empty data clusters are not stored (all-zero
+   * table entries), full ones as all-ones entries. Order: data, tables and directory with
+   * their refcounts are made durable, then the header is switched, then the old clusters are
+   * freed; a crash leaves either the old or the new bitmaps (at worst leaked clusters).
+   * With `inUse` the bitmaps are stored marked in use (inconsistent for every reader).
+   *
+   * Storing enabled bitmaps consistent (`inUse: false`) while the image stays open is safe:
+   * the store waits for changes under way (writes, zeroes, discards, outstanding write
+   * mappings: the caller has set their bits by the time they complete) and holds new ones
+   * back until it is done; the next change then first sets in_use again, durably (one small
+   * write and a flush), so a crash after it leaves the bitmaps inconsistent rather than stale.
+   * So do not call it while holding a write mapping of this image.
+   * @throws ERR_BITMAP_NAME, ERR_BITMAP_GRANULARITY, ERR_BITMAP_SIZE_MISMATCH, ERR_INVALID_ARGUMENT (QEMU's limits), ERR_QCOW2_READ_ONLY
+   */
+  async storeBitmaps(bitmaps: readonly BitmapToStore[], opts: { inUse: boolean }): Promise<void> {
+    this.#checkWritable('store bitmaps in');
+    const store = (): Promise<void> =>
+      this.#md.mutex.run(async () => {
+        this.#syncHeader(await storeBitmapsIn(this.#bitmapContext(), bitmaps, opts.inUse));
+        for (const b of bitmaps) {
+          if (b.enabled && !opts.inUse) this.#cleanEnabled.add(b.name);
+          else this.#cleanEnabled.delete(b.name);
+        }
+      });
+    if (opts.inUse || !bitmaps.some((b) => b.enabled)) return store();
+    while (this.#cleanStore) await this.#cleanStore.catch(() => undefined);
+    const done = this.#quiesceThen(store);
+    this.#cleanStore = done;
+    try {
+      await done;
+    } finally {
+      if (this.#cleanStore === done) this.#cleanStore = null;
+    }
+  }
+
+  /** Waits until no change to the disk is under way, then runs `fn` (new changes wait for #cleanStore). */
+  async #quiesceThen(fn: () => Promise<void>): Promise<void> {
+    if (this.#changes > 0) await new Promise<void>((resolve) => this.#whenNoChanges.push(resolve));
+    await fn();
+  }
+
+  /**
+   * Registers a change to the disk (returns the function that ends it). Before the first change
+   * after enabled bitmaps were stored consistent, their in_use flag is set and flushed.
+   */
+  async #enterChange(): Promise<() => void> {
+    while (this.#cleanStore) await this.#cleanStore.catch(() => undefined);
+    this.#changes++;
+    let left = false;
+    const leave = (): void => {
+      if (left) return;
+      left = true;
+      if (--this.#changes === 0) for (const resolve of this.#whenNoChanges.splice(0)) resolve();
+    };
+    try {
+      if (this.#cleanEnabled.size > 0) await this.#markCleanInUse();
+    } catch (err) {
+      leave();
+      throw err;
+    }
+    return leave;
+  }
+
+  #markCleanInUse(): Promise<void> {
+    this.#markingInUse ??= this.#md.mutex
+      .run(async () => {
+        const names = [...this.#cleanEnabled];
+        await markInUse(this.#bitmapContext(), names);
+        for (const n of names) this.#cleanEnabled.delete(n);
+      })
+      .finally(() => {
+        this.#markingInUse = null;
+      });
+    return this.#markingInUse;
+  }
+
+  /** Removes stored bitmaps and frees their clusters; names the image does not hold are ignored. */
+  async removeBitmaps(names: readonly string[]): Promise<void> {
+    this.#checkWritable('remove bitmaps from');
+    await this.#md.mutex.run(async () => {
+      this.#syncHeader(await removeBitmapsFrom(this.#bitmapContext(), names));
+      for (const n of names) this.#cleanEnabled.delete(n);
+    });
+  }
+
+  /**
+   * Sets the in_use flag of stored bitmaps in place and flushes: done when a caller starts
+   * changing a bitmap in memory (clear, merge, enable), so that a crash leaves it inconsistent.
+   * @throws ERR_BITMAP_NOT_FOUND
+   */
+  async markBitmapsInUse(names: readonly string[]): Promise<void> {
+    this.#checkWritable('mark bitmaps in use in');
+    await this.#md.mutex.run(async () => {
+      await markInUse(this.#bitmapContext(), names);
+      for (const n of names) this.#cleanEnabled.delete(n);
+    });
   }
 
   // ---------------------------------------------------------------- close
