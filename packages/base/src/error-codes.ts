@@ -68,6 +68,13 @@ export const ERROR_CODES = {
   ERR_QMP_ERROR_REPLY: 'io',
   ERR_QMP_DISCONNECTED: 'io',
   ERR_QMP_PROTOCOL: 'io',
+
+  ERR_NBD_PROTOCOL: 'io',
+  ERR_NBD_DISCONNECTED: 'io',
+  ERR_NBD_EXPORT_NOT_FOUND: 'not-found',
+  ERR_NBD_EXPORT_EXISTS: 'invalid-argument',
+  ERR_NBD_EXPORT_IN_USE: 'busy',
+  ERR_NBD_ADDRESS: 'permission',
 } as const;
 
 export type ErrorCode = keyof typeof ERROR_CODES;

@@ -141,6 +141,8 @@ export class BlockNode implements BlockIO {
   #bitmaps: NodeBitmaps | null = null;
   #inflight = 0;
   #drainWaiters: (() => void)[] = [];
+  #closeHooks: (() => Promise<void>)[] = [];
+  #writeGate: (() => Promise<void> | undefined) | undefined;
 
   /** @internal Created by BlockGraph.addNode. */
   constructor(name: string, info: DriverInfo, readOnly: boolean) {
@@ -226,9 +228,27 @@ export class BlockNode implements BlockIO {
     }
   }
 
+  /**
+   * Runs `fn` before the node's driver closes (clean shutdown of persistent state such as
+   * dirty bitmaps), after the requests in flight have drained.
+   */
+  addCloseHook(fn: () => Promise<void>): void {
+    this.#closeHooks.push(fn);
+  }
+
+  /**
+   * `gate` runs before every write; when it returns a promise, the write waits for it (a
+   * persistent bitmap store must be marked in use on disk again before data changes).
+   */
+  setWriteGate(gate: (() => Promise<void> | undefined) | undefined): void {
+    this.#writeGate = gate;
+  }
+
   /** A write is tracked in the dirty bitmaps after the driver is done, whatever the outcome. */
   #trackWrite(offset: number, bytes: number, fn: () => Promise<void>): Promise<void> {
     return this.#track(async () => {
+      const gate = this.#writeGate?.();
+      if (gate) await gate;
       try {
         await fn();
       } finally {
@@ -286,9 +306,12 @@ export class BlockNode implements BlockIO {
   /** @internal Closes the driver; BlockGraph.removeNode is the public way. */
   async close(): Promise<void> {
     while (this.#inflight > 0) await new Promise<void>((resolve) => this.#drainWaiters.push(resolve));
+    const errors: unknown[] = [];
+    for (const hook of this.#closeHooks.splice(0)) await hook().catch((err: unknown) => errors.push(err));
     const d = this.#driver;
     this.#driver = null;
     await d?.close();
+    if (errors.length > 0) throw errors[0];
   }
 
   #markDirty(offset: number, bytes: number): void {

@@ -18,6 +18,7 @@ import {
 } from '@shear/block';
 import { Qcow2Image } from '@shear/qcow2';
 import { qcow2Driver } from './qcow2-node.js';
+import { attachBitmapStorage } from './persistent-bitmaps.js';
 
 export interface BlockdevContext {
   /** When set, `file` nodes may only name files inside these directories. */
@@ -132,7 +133,7 @@ async function add(graph: BlockGraph, options: unknown, ctx: BlockdevContext, cr
       const children = [{ role: 'file', node: file }, ...(backing ? [{ role: 'backing', node: backing }] : [])];
       const info: DriverInfo = { name: 'qcow2', childPerms: formatChildPerms };
       node = await base(info, async (c) => {
-        const img = await Qcow2Image.open(c.get('file')!, { readOnly, backing: c.get('backing') ?? null });
+        const img = await Qcow2Image.open(c.get('file')!, { readOnly, backing: c.get('backing') ?? null, ...(readOnly ? {} : { enabledBitmaps: 'take' as const }) });
         return qcow2Driver(img);
       }, children);
       break;
@@ -140,6 +141,13 @@ async function add(graph: BlockGraph, options: unknown, ctx: BlockdevContext, cr
     default:
       a.ignore(...Object.keys(options as object));
       throw new ShearError('ERR_NOT_IMPLEMENTED', `Cannot add block node: driver '${driver}' is not supported (supported: file, null-co, raw, qcow2, blkdebug)`);
+  }
+  // Persistent bitmaps are loaded (and taken) before anyone can write through the node.
+  try {
+    await attachBitmapStorage(node);
+  } catch (err) {
+    await graph.removeNode(node.name).catch(() => {});
+    throw err;
   }
   return node;
 }

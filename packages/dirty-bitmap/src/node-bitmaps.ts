@@ -69,6 +69,22 @@ export class NodeBitmaps {
   }
 
   /**
+   * Adds a bitmap read from storage (qcow2 bitmaps extension, sidecar). `bits` null or
+   * `inconsistent` means the stored bits cannot be trusted (in use when the process died): the
+   * bitmap is listed, refuses every use but removal, and records nothing.
+   * @throws ERR_BITMAP_NAME, ERR_BITMAP_EXISTS, ERR_BITMAP_GRANULARITY, ERR_BITMAP_SIZE_MISMATCH
+   */
+  addLoaded(opts: { name: string; granularity: number; enabled: boolean; bits: SharedBitmap | null; inconsistent?: boolean; readonly?: boolean }): DirtyBitmap {
+    if (opts.bits && (opts.bits.size !== this.size || opts.bits.granularity !== opts.granularity)) {
+      throw new ShearError('ERR_BITMAP_SIZE_MISMATCH', `Cannot load bitmap "${opts.name}" on node "${this.node}": it covers ${opts.bits.size} bytes at granularity ${opts.bits.granularity}, the node ${this.size} bytes`, { node: this.node, bitmap: opts.name });
+    }
+    const bm = this.add({ name: opts.name, granularity: opts.granularity, persistent: true, disabled: !opts.enabled });
+    if (opts.bits) bm.bits.merge(opts.bits);
+    bm.markLoaded({ inconsistent: opts.inconsistent === true || opts.bits === null, readonly: opts.readonly === true });
+    return bm;
+  }
+
+  /**
    * Removes a named bitmap. Inconsistent bitmaps may be removed (it is the only thing they
    * allow); busy and read-only ones may not.
    * @throws ERR_BITMAP_NOT_FOUND, ERR_BITMAP_BUSY, ERR_BITMAP_READONLY

@@ -1,6 +1,7 @@
 import { createHash } from 'node:crypto';
 import { ArgReader, ShearError, type Transaction } from '@shear/base';
 import type { BlockNode } from '@shear/block';
+import { requireBitmapStorage } from '@shear/blockdev';
 import { CHECK_ALLOW_RO, CHECK_DEFAULT, type DirtyBitmap } from '@shear/dirty-bitmap';
 import type { DaemonContext } from '../context.js';
 
@@ -9,7 +10,10 @@ import type { DaemonContext } from '../context.js';
  * An action checks everything, makes its change, and registers in `tx` how to take the change
  * back, so a failing later action in the same transaction undoes it.
  */
-export type Action = (args: Record<string, unknown>, tx: Transaction, ctx: DaemonContext) => Promise<void> | void;
+export type Action = (args: Record<string, unknown>, tx: Transaction, ctx: DaemonContext, after: AfterCommit) => Promise<void> | void;
+
+/** Registers I/O to run once the transaction committed (storage updates that cannot be undone). */
+export type AfterCommit = (fn: () => Promise<void>) => void;
 
 /** QEMU's bdrv_lookup_bs message for a node that is not there. */
 export function lookupNode(ctx: DaemonContext, name: string): BlockNode {
@@ -37,17 +41,21 @@ export const bitmapAdd: Action = (args, tx, ctx) => {
   const disabled = a.bool('disabled', false)!;
   a.done();
   const n = lookupNode(ctx, node);
+  // Checked first: a persistent bitmap on a node that cannot keep one is refused (as QEMU does).
+  if (persistent) requireBitmapStorage(n);
   n.bitmaps.add({ name, ...(granularity !== undefined ? { granularity } : {}), persistent, disabled });
   tx.add({ abort: () => void n.bitmaps.remove(name) });
 };
 
-export const bitmapRemove: Action = (args, tx, ctx) => {
+export const bitmapRemove: Action = (args, tx, ctx, after) => {
   const { a, node, name } = nodeAndName(args);
   a.done();
   const { node: n, bm } = lookupBitmap(ctx, node, name);
   bm.check({ busy: true, readonly: true });
   // Removed at commit, as QEMU does: until then a later action may still fail.
   tx.add({ commit: () => void n.bitmaps.remove(name) });
+  // A stored bitmap leaves the image (or sidecar) too, so it does not come back at the next open.
+  if (bm.persistent) after(() => requireBitmapStorage(n).remove([name]));
 };
 
 export const bitmapClear: Action = (args, tx, ctx) => {
@@ -110,4 +118,12 @@ export function sha256Command(args: Record<string, unknown>, ctx: DaemonContext)
   const { a, node, name } = nodeAndName(args);
   a.done();
   return { sha256: bitmapSha256(lookupBitmap(ctx, node, name).bm) };
+}
+
+export async function storeBitmapsCommand(args: Record<string, unknown>, ctx: DaemonContext): Promise<Record<string, never>> {
+  const a = new ArgReader(args);
+  const node = a.string('node');
+  a.done();
+  await requireBitmapStorage(lookupNode(ctx, node)).store({ inUse: false });
+  return {};
 }

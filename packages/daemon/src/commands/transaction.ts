@@ -10,20 +10,24 @@ import {
   bitmapMerge,
   bitmapRemove,
   sha256Command,
+  storeBitmapsCommand,
   type Action,
+  type AfterCommit,
 } from './bitmap-actions.js';
 import { backupAction } from './job-commands.js';
 
 /** Runs `fn` as one all-or-nothing step: on failure every change it registered is undone. */
-export async function atomically(fn: (tx: Transaction) => Promise<void> | void): Promise<void> {
+export async function atomically(fn: (tx: Transaction, after: AfterCommit) => Promise<void> | void): Promise<void> {
   const tx = new Transaction();
+  const later: (() => Promise<void>)[] = [];
   try {
-    await fn(tx);
+    await fn(tx, (f) => later.push(f));
   } catch (err) {
     tx.abort();
     throw err;
   }
   tx.commit();
+  for (const f of later) await f();
 }
 
 const BITMAP_ACTIONS: Record<string, Action> = {
@@ -40,11 +44,12 @@ const TRANSACTION_TYPES = [...Object.keys(BITMAP_ACTIONS), 'blockdev-backup', 'a
 export function registerBitmapAndTransactionCommands(reg: CommandRegistry, ctx: DaemonContext): void {
   for (const [name, action] of Object.entries(BITMAP_ACTIONS)) {
     reg.register(name, async (args) => {
-      await atomically((tx) => action(args, tx, ctx));
+      await atomically((tx, after) => action(args, tx, ctx, after));
       return {};
     });
   }
   reg.register('x-debug-block-dirty-bitmap-sha256', (args) => sha256Command(args, ctx));
+  reg.register('x-shear-store-bitmaps', (args) => storeBitmapsCommand(args, ctx));
   reg.register('blockdev-backup', async (args) => {
     await atomically((tx) => backupAction(args, tx, ctx));
     return {};
@@ -69,11 +74,11 @@ export function registerBitmapAndTransactionCommands(reg: CommandRegistry, ctx: 
       return { type, data: (item as { data?: Record<string, unknown> }).data ?? {}, hasData: data !== undefined };
     });
     const jobTxn = mode === 'grouped' ? new JobTxn() : undefined;
-    await atomically(async (tx) => {
+    await atomically(async (tx, after) => {
       for (const { type, data } of parsed) {
         if (type === 'abort') throw new ShearError('ERR_INVALID_ARGUMENT', 'Transaction aborted using Abort action');
         if (type === 'blockdev-backup') await backupAction(data, tx, ctx, jobTxn);
-        else await BITMAP_ACTIONS[type]!(data, tx, ctx);
+        else await BITMAP_ACTIONS[type]!(data, tx, ctx, after);
       }
     });
     return {};
