@@ -17,12 +17,16 @@ import {
   type DriverInfo,
 } from '@shear/block';
 import { Qcow2Image } from '@shear/qcow2';
+import type { CopyWorkerPool } from '@shear/block-copy';
+import { CBW_INFO, CopyBeforeWrite, SNAPSHOT_ACCESS_INFO, SnapshotAccess } from '@shear/fleecing';
 import { qcow2Driver } from './qcow2-node.js';
 import { attachBitmapStorage } from './persistent-bitmaps.js';
 
 export interface BlockdevContext {
   /** When set, `file` nodes may only name files inside these directories. */
   allowedDirs?: readonly string[];
+  /** Worker threads for the copy engine of copy-before-write nodes. */
+  pool?: CopyWorkerPool;
 }
 
 /** QEMU's `raw` keeps others from resizing its file; otherwise a filter (role DATA|FILTERED). */
@@ -138,9 +142,34 @@ async function add(graph: BlockGraph, options: unknown, ctx: BlockdevContext, cr
       }, children);
       break;
     }
+    case 'copy-before-write': {
+      const onCbwError = a.enumOf('on-cbw-error', ['break-guest-write', 'break-snapshot'] as const, 'break-guest-write')!;
+      const cbwTimeoutSec = a.int('cbw-timeout', { min: 0, fallback: 0 })!;
+      const bitmapRef = a.object('bitmap', true);
+      const bitmapNode = bitmapRef?.string('node');
+      const bitmapName = bitmapRef?.string('name');
+      bitmapRef?.done();
+      const file = (await child('file'))!;
+      const target = (await child('target'))!;
+      const bitmap = bitmapRef ? graph.get(bitmapNode!).bitmaps.get(bitmapName!).bits : undefined;
+      node = await base(CBW_INFO, async (c) => new CopyBeforeWrite({
+        file: c.get('file')!,
+        target: c.get('target')!,
+        onCbwError,
+        cbwTimeoutSec,
+        ...(bitmap ? { bitmap } : {}),
+        ...(ctx.pool ? { pool: ctx.pool } : {}),
+      }), [{ role: 'file', node: file }, { role: 'target', node: target }]);
+      break;
+    }
+    case 'snapshot-access': {
+      const file = (await child('file'))!;
+      node = await base(SNAPSHOT_ACCESS_INFO, async (c) => new SnapshotAccess(c.get('file')!), [{ role: 'file', node: file }]);
+      break;
+    }
     default:
       a.ignore(...Object.keys(options as object));
-      throw new ShearError('ERR_NOT_IMPLEMENTED', `Cannot add block node: driver '${driver}' is not supported (supported: file, null-co, raw, qcow2, blkdebug)`);
+      throw new ShearError('ERR_NOT_IMPLEMENTED', `Cannot add block node: driver '${driver}' is not supported (supported: file, null-co, raw, qcow2, blkdebug, copy-before-write, snapshot-access)`);
   }
   // Persistent bitmaps are loaded (and taken) before anyone can write through the node.
   try {

@@ -8,6 +8,7 @@ import { registerBlockNodeCommands } from './commands/block-nodes.js';
 import { registerJobCommands } from './commands/job-commands.js';
 import { registerBitmapAndTransactionCommands } from './commands/transaction.js';
 import { registerIoCommand } from './commands/io-command.js';
+import { NbdService, registerNbdCommands } from './commands/nbd-commands.js';
 
 export interface DaemonOptions {
   /** QMP on a UNIX socket (mode 0600) and/or loopback TCP. */
@@ -18,6 +19,12 @@ export interface DaemonOptions {
   workers?: number;
   /** Confine file names given to blockdev-add to these directories. */
   allowedDirs?: string[];
+  /** nbd-server-start arguments to run at start (--nbd-server). */
+  nbdServer?: Record<string, unknown>;
+  /** block-export-add arguments to run at start (--export). */
+  exports?: Record<string, unknown>[];
+  /** Let the NBD server listen on non-loopback addresses (off: refused). */
+  nbdAllowRemote?: boolean;
   log: DaemonLogger;
 }
 
@@ -33,6 +40,7 @@ export class ShearDaemon {
   readonly qmp: QmpServer;
   readonly log: DaemonLogger;
   readonly #ctx: DaemonContext;
+  readonly nbd: NbdService;
   #shutdown: Promise<void> | undefined;
   #closed!: () => void;
   /** Resolves once the daemon has shut down (quit, signal, or shutdown()). */
@@ -66,13 +74,17 @@ export class ShearDaemon {
     registerBitmapAndTransactionCommands(registry, this.#ctx);
     registerJobCommands(registry, this.#ctx);
     registerIoCommand(registry, this.#ctx);
+    this.nbd = new NbdService(this.#ctx, { allowRemote: opts.nbdAllowRemote ?? false });
+    registerNbdCommands(registry, this.#ctx, this.nbd);
   }
 
   /** Opens the --blockdev nodes, then starts listening. On failure everything is released. */
   static async start(opts: DaemonOptions): Promise<ShearDaemon> {
     const d = new ShearDaemon(opts);
     try {
-      for (const b of opts.blockdevs ?? []) await addBlockdev(d.graph, b, opts.allowedDirs ? { allowedDirs: opts.allowedDirs } : {});
+      for (const b of opts.blockdevs ?? []) await addBlockdev(d.graph, b, { ...(opts.allowedDirs ? { allowedDirs: opts.allowedDirs } : {}), ...(d.pool ? { pool: d.pool } : {}) });
+      if (opts.nbdServer) await d.#run('nbd-server-start', opts.nbdServer);
+      for (const e of opts.exports ?? []) await d.#run('block-export-add', e);
       await d.qmp.listen();
     } catch (err) {
       await d.shutdown('start failed');
@@ -80,6 +92,12 @@ export class ShearDaemon {
     }
     d.log.info({ evt: 'daemon.started', qmp: opts.qmp, nodes: d.graph.nodes().map((n) => n.name), workers: d.pool?.workers ?? 0 }, 'shear daemon started');
     return d;
+  }
+
+  /** Runs a registered command as if it came from QMP (start-up options). */
+  async #run(name: string, args: Record<string, unknown>): Promise<void> {
+    const cmd = this.qmp.registry.get(name)!;
+    await cmd.handler(args, { session: { id: 0, peer: 'command-line' }, id: undefined, signal: new AbortController().signal, log: this.log as never, afterReply: (fn) => fn() });
   }
 
   shutdown(reason: string): Promise<void> {
@@ -99,6 +117,7 @@ export class ShearDaemon {
       }
     };
     await step('qmp', () => this.qmp.close());
+    await step('nbd', () => this.nbd.close());
     await step('jobs', () => this.jobs.cancelAll());
     await step('nodes', async () => {
       for (let left = this.graph.nodes(); left.length > 0; left = this.graph.nodes()) {

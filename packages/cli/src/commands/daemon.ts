@@ -17,6 +17,11 @@ options:
                                     (repeatable), e.g. driver=file,node-name=disk0,filename=disk.raw
   --workers N                       copy worker threads (default: the machine's parallelism)
   --allow-dir DIR                   confine file names given to blockdev-add to DIR (repeatable)
+  --nbd-server JSON|KEY=VALUE,...   start the NBD server, as nbd-server-start takes it, e.g.
+                                    addr.type=unix,addr.path=/run/shear-nbd.sock
+  --export JSON|KEY=VALUE,...       an NBD export, as block-export-add takes it (repeatable), e.g.
+                                    type=nbd,id=e0,node-name=disk0,writable=on
+  --nbd-allow-remote                let the NBD server listen on non-loopback addresses
   --log-level LEVEL                 pino log level on stderr (default: info)
 
 The daemon stops on SIGINT, SIGTERM and the QMP command quit, cancelling running jobs.`;
@@ -26,6 +31,23 @@ function parseQmpAddress(spec: string): { path?: string; tcp?: { host: string; p
   const m = /^tcp:(.+):(\d+)$/.exec(spec);
   if (m) return { tcp: { host: m[1]!, port: Number(m[2]) } };
   throw new ShearError('ERR_INVALID_ARGUMENT', `Invalid --qmp "${spec}": expected unix:PATH or tcp:HOST:PORT\n\n${DAEMON_USAGE}`);
+}
+
+/**
+ * --nbd-server as qemu-storage-daemon takes it: JSON (nbd-server-start arguments), or
+ * addr.type=unix,addr.path=... / addr.type=inet,addr.host=...,addr.port=...
+ */
+function nbdServerOption(text: string): Record<string, unknown> {
+  const o = parseOptionValue(text, '--nbd-server');
+  if (typeof (o['addr'] as { port?: unknown } | undefined)?.port === 'number') (o['addr'] as { port: unknown }).port = String((o['addr'] as { port: number }).port);
+  return o;
+}
+
+/** --export as qemu-storage-daemon takes it: type=nbd,id=...,node-name=...[,name=...][,writable=on]. */
+function exportOption(text: string, i: number): Record<string, unknown> {
+  const o = parseOptionValue(text, `--export #${i + 1}`);
+  if (typeof o['bitmaps'] === 'string') o['bitmaps'] = [o['bitmaps']];
+  return o;
 }
 
 export async function runDaemon(argv: string[], log: Logger, signal: AbortSignal): Promise<number> {
@@ -40,6 +62,7 @@ export async function runDaemon(argv: string[], log: Logger, signal: AbortSignal
         export: { type: 'string', multiple: true },
         workers: { type: 'string' },
         'allow-dir': { type: 'string', multiple: true },
+        'nbd-allow-remote': { type: 'boolean' },
         'log-level': { type: 'string' },
       },
       strict: true,
@@ -48,9 +71,6 @@ export async function runDaemon(argv: string[], log: Logger, signal: AbortSignal
     throw new ShearError('ERR_INVALID_ARGUMENT', `${(err as Error).message}\n\n${DAEMON_USAGE}`);
   }
   if (!values.qmp?.length) throw new ShearError('ERR_INVALID_ARGUMENT', `Missing --qmp\n\n${DAEMON_USAGE}`);
-  if (values['nbd-server'] || values.export?.length) {
-    throw new ShearError('ERR_NOT_IMPLEMENTED', 'Cannot start the daemon: --nbd-server and --export are not implemented yet (the NBD server comes with a later release)');
-  }
   const qmp: { path?: string; tcp?: { host: string; port: number } } = {};
   for (const q of values.qmp) Object.assign(qmp, parseQmpAddress(q));
   const workers = values.workers === undefined ? undefined : Number(values.workers);
@@ -63,6 +83,9 @@ export async function runDaemon(argv: string[], log: Logger, signal: AbortSignal
     blockdevs,
     ...(workers !== undefined ? { workers } : {}),
     ...(values['allow-dir'] ? { allowedDirs: values['allow-dir'] } : {}),
+    ...(values['nbd-server'] ? { nbdServer: nbdServerOption(values['nbd-server']) } : {}),
+    ...(values.export?.length ? { exports: values.export.map((e, i) => exportOption(e, i)) } : {}),
+    nbdAllowRemote: values['nbd-allow-remote'] ?? false,
     log: log as unknown as import('@shear/daemon').DaemonLogger,
   });
   const onAbort = () => void daemon.shutdown('signal');

@@ -68,7 +68,7 @@ class CreateJob implements JobDriver {
 export function registerBlockNodeCommands(reg: CommandRegistry, ctx: DaemonContext): void {
   reg.register('blockdev-add', async (args) => {
     if (typeof args['node-name'] !== 'string') throw new ShearError('ERR_INVALID_ARGUMENT', "'node-name' must be specified for the root node");
-    const node = await addBlockdev(ctx.graph, args, ctx.allowedDirs ? { allowedDirs: ctx.allowedDirs } : {});
+    const node = await addBlockdev(ctx.graph, args, { ...(ctx.allowedDirs ? { allowedDirs: ctx.allowedDirs } : {}), ...(ctx.pool ? { pool: ctx.pool } : {}) });
     ctx.log.info({ evt: 'node.added', node: node.name, driver: node.info.name }, 'block node added');
     return {};
   });
