@@ -19,6 +19,7 @@ import {
 import { Qcow2Image } from '@shear/qcow2';
 import type { CopyWorkerPool } from '@shear/block-copy';
 import { CBW_INFO, CopyBeforeWrite, SNAPSHOT_ACCESS_INFO, SnapshotAccess } from '@shear/fleecing';
+import { NbdClientDriver, type NbdAddress } from '@shear/nbd';
 import { qcow2Driver } from './qcow2-node.js';
 import { attachBitmapStorage } from './persistent-bitmaps.js';
 
@@ -39,6 +40,7 @@ const FILE_INFO: DriverInfo = { name: 'file', childPerms: filterChildPerms };
 const NULL_INFO: DriverInfo = { name: 'null-co', childPerms: filterChildPerms };
 const RAW_INFO: DriverInfo = { name: 'raw', childPerms: rawChildPerms, isFilter: true };
 const BLKDEBUG_INFO: DriverInfo = { name: 'blkdebug', childPerms: filterChildPerms, isFilter: true };
+const NBD_INFO: DriverInfo = { name: 'nbd', childPerms: filterChildPerms };
 
 const QCOW2_MAGIC = 0x514649fb;
 const NULL_DEFAULT_SIZE = 2 ** 30;
@@ -162,6 +164,20 @@ async function add(graph: BlockGraph, options: unknown, ctx: BlockdevContext, cr
       }), [{ role: 'file', node: file }, { role: 'target', node: target }]);
       break;
     }
+    case 'nbd': {
+      // QEMU's nbd driver: server (flat SocketAddress, or the legacy {type, data}), export.
+      const server = a.object('server')!;
+      const type = server.enumOf('type', ['unix', 'inet'] as const)!;
+      const data = server.has('data') ? server.object('data')! : server;
+      const address: NbdAddress = type === 'unix' ? { type: 'unix', path: data.string('path') } : { type: 'inet', host: data.string('host'), port: data.string('port') };
+      data.ignore('abstract', 'tight', 'numeric', 'to', 'ipv4', 'ipv6', 'keep-alive');
+      if (data !== server) data.done();
+      server.done();
+      const exportName = a.string('export', '');
+      a.ignore('tls-creds', 'tls-hostname', 'x-dirty-bitmap', 'reconnect-delay', 'open-timer');
+      node = await base(NBD_INFO, () => NbdClientDriver.connect({ address, exportName }));
+      break;
+    }
     case 'snapshot-access': {
       const file = (await child('file'))!;
       node = await base(SNAPSHOT_ACCESS_INFO, async (c) => new SnapshotAccess(c.get('file')!), [{ role: 'file', node: file }]);
@@ -169,7 +185,7 @@ async function add(graph: BlockGraph, options: unknown, ctx: BlockdevContext, cr
     }
     default:
       a.ignore(...Object.keys(options as object));
-      throw new ShearError('ERR_NOT_IMPLEMENTED', `Cannot add block node: driver '${driver}' is not supported (supported: file, null-co, raw, qcow2, blkdebug, copy-before-write, snapshot-access)`);
+      throw new ShearError('ERR_NOT_IMPLEMENTED', `Cannot add block node: driver '${driver}' is not supported (supported: file, null-co, raw, qcow2, blkdebug, nbd, copy-before-write, snapshot-access)`);
   }
   // Persistent bitmaps are loaded (and taken) before anyone can write through the node.
   try {
