@@ -142,3 +142,32 @@ t.test('shear backup: an interrupted backup leaves no file that looks finished',
   t.notOk(existsSync(dst), 'no target file');
   t.ok(noPartialFiles(dir), 'no partial file');
 });
+
+t.test('shear backup --sync bitmap: an offline incremental from a persistent bitmap, chained on the previous backup', async (t) => {
+  if (!requireTools(t, 'qemu-img', 'qemu-io')) return;
+  const dir = t.testdir();
+  const disk = path.join(dir, 'disk.qcow2');
+  qemuImg('create', '-q', '-f', 'qcow2', disk, String(16 * MiB));
+  execFileSync('qemu-io', ['-f', 'qcow2', '-c', 'write -P 0x11 0 16M', disk]);
+  // A full backup, then a persistent bitmap starts tracking (as a VM's bitmap would).
+  let r = await shear(['backup', '--source', disk, '--target', path.join(dir, 'full.qcow2'), '--target-format', 'qcow2']);
+  t.equal(r.code, 0, r.stderr);
+  qemuImg('bitmap', '--add', disk, 'b0');
+  // The VM writes (qemu-io records the writes in the enabled bitmap), then shuts down.
+  execFileSync('qemu-io', ['-f', 'qcow2', '-c', 'write -P 0x22 1M 128k', '-c', 'write -P 0x33 9M 64k', disk]);
+  const inc = path.join(dir, 'inc.qcow2');
+  r = await shear(['backup', '--source', disk, '--target', inc, '--target-format', 'qcow2', '--sync', 'bitmap', '--bitmap', 'b0', '--backing', path.join(dir, 'full.qcow2'), '--json']);
+  t.equal(r.code, 0, r.stderr);
+  t.match(JSON.parse(r.stdout), { sync: 'bitmap', copiedBytes: 3 * 65536 });
+  t.ok(qemuImgSame(disk, inc), 'the incremental on its chain equals the disk');
+  t.equal(qemuImgCheck(inc)['check-errors'], 0);
+  const info = JSON.parse(qemuImg('info', '--output=json', disk));
+  t.match(info['format-specific'].data.bitmaps, [{ name: 'b0', flags: ['auto'] }], 'the bitmap is stored back consistent');
+  // It was cleared by the successful backup: a second incremental copies nothing.
+  r = await shear(['backup', '--source', disk, '--target', path.join(dir, 'inc2.qcow2'), '--target-format', 'qcow2', '--sync', 'bitmap', '--bitmap', 'b0', '--json']);
+  t.equal(r.code, 0, r.stderr);
+  t.equal(JSON.parse(r.stdout).copiedBytes, 0);
+  r = await shear(['backup', '--source', disk, '--target', path.join(dir, 'x.qcow2'), '--target-format', 'qcow2', '--sync', 'bitmap', '--bitmap', 'nope']);
+  t.equal(r.code, 3);
+  t.match(r.stderr, /carries no persistent bitmap "nope" \(have: b0\)/);
+});

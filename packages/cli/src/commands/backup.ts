@@ -7,6 +7,7 @@ import type { Logger } from '../logger.js';
 import { BlockGraph, PERM_ALL, PERM_CONSISTENT_READ, PERM_WRITE, PERM_WRITE_UNCHANGED, compareContent, type BlockNode } from '@shear/block';
 import { addBlockdev, createImage, type Qcow2Node } from '@shear/blockdev';
 import { BlockCopy, CopyWorkerPool, DEFAULT_MAX_CHUNK_BYTES, defaultWorkerCount } from '@shear/block-copy';
+import { concludeBitmapSync, parseBitmapSyncMode, type BitmapSyncMode, type DirtyBitmap } from '@shear/dirty-bitmap';
 import { EXIT } from '../exit-codes.js';
 import { ProgressBar, formatBytes } from '../progress-bar.js';
 import { parseSize } from '../parse-size.js';
@@ -18,8 +19,16 @@ Copies a disk image to a new image, in parallel on worker threads.
 options:
   --source-format raw|qcow2   format of the source (default: probed)
   --target-format raw|qcow2   format of the target (default: raw)
-  --sync full|top             full: everything; top: only what the source's top layer
-                              allocates (qcow2 source; the target gets the same backing file)
+  --sync full|top|bitmap      full: everything; top: only what the source's top layer
+                              allocates (qcow2 source; the target gets the same backing file);
+                              bitmap: only the clusters of a persistent dirty bitmap the source
+                              carries (qcow2 bitmaps extension or Shear's sidecar file), for
+                              incrementals of a disk whose VM is shut down
+  --bitmap NAME               the bitmap for --sync bitmap
+  --bitmap-mode MODE          what the bitmap holds afterwards: on-success (default; alias
+                              conditional), never, always (a failed backup leaves only what
+                              was not copied, so a retry copies the remainder)
+  --backing FILE              qcow2 target: its backing file (the previous backup of the chain)
   --workers N                 worker threads (default: ${defaultWorkerCount()}, this machine's parallelism)
   --max-chunk BYTES           largest copy task (default ${DEFAULT_MAX_CHUNK_BYTES / 2 ** 20}M; suffixes k, M, G)
   --speed BYTES_PER_SEC       rate limit (default: none; suffixes k, M, G)
@@ -33,7 +42,7 @@ options:
 export interface BackupSummary {
   source: string;
   target: string;
-  sync: 'full' | 'top';
+  sync: 'full' | 'top' | 'bitmap';
   bytes: number;
   copiedBytes: number;
   skippedBytes: number;
@@ -48,9 +57,12 @@ export interface BackupSummary {
 interface BackupArgs {
   source: string;
   target: string;
+  bitmap: string | undefined;
+  bitmapMode: BitmapSyncMode;
+  backing: string | undefined;
   sourceFormat: 'raw' | 'qcow2' | undefined;
   targetFormat: 'raw' | 'qcow2';
-  sync: 'full' | 'top';
+  sync: 'full' | 'top' | 'bitmap';
   workers: number;
   maxChunk: number;
   speed: number;
@@ -82,6 +94,9 @@ export function parseBackupArgs(argv: string[]): BackupArgs {
         'source-format': { type: 'string' },
         'target-format': { type: 'string' },
         sync: { type: 'string' },
+        bitmap: { type: 'string' },
+        'bitmap-mode': { type: 'string' },
+        backing: { type: 'string' },
         workers: { type: 'string' },
         'max-chunk': { type: 'string' },
         speed: { type: 'string' },
@@ -106,12 +121,19 @@ export function parseBackupArgs(argv: string[]): BackupArgs {
   if (maxChunk < 65536 || maxChunk > 1 << 30) usage(`Invalid --max-chunk ${maxChunk}: expected 64k to 1G`);
   const targetFormat = oneOf(values['target-format'], ['raw', 'qcow2'] as const, '--target-format') ?? 'raw';
   if (values.compress && targetFormat !== 'qcow2') usage('--compress needs --target-format qcow2');
+  const sync = oneOf(values.sync, ['full', 'top', 'bitmap'] as const, '--sync') ?? 'full';
+  if (sync === 'bitmap' && !values.bitmap) usage('--sync bitmap needs --bitmap NAME');
+  if (sync !== 'bitmap' && (values.bitmap || values['bitmap-mode'])) usage('--bitmap and --bitmap-mode go with --sync bitmap');
+  if (values.backing && targetFormat !== 'qcow2') usage('--backing needs --target-format qcow2');
   return {
     source: values.source,
     target: values.target,
     sourceFormat: oneOf(values['source-format'], ['raw', 'qcow2'] as const, '--source-format'),
     targetFormat,
-    sync: oneOf(values.sync, ['full', 'top'] as const, '--sync') ?? 'full',
+    sync,
+    bitmap: values.bitmap,
+    bitmapMode: parseBitmapSyncMode(values['bitmap-mode'] ?? 'on-success'),
+    backing: values.backing,
     workers: values['single-task'] ? 1 : workers,
     maxChunk,
     speed: values.speed === undefined ? 0 : parseSize(values.speed, '--speed'),
@@ -163,12 +185,26 @@ export async function runBackup(argv: string[], log: Logger, signal: AbortSignal
   let pool: CopyWorkerPool | undefined;
   const progress = new ProgressBar();
   let renamed = false;
+  let settleBitmap: (outcome: 'success' | 'failure' | 'cancel') => void = () => {};
   try {
-    const src = await openImage(graph, args.source, sourceFormat, true);
+    // An offline incremental updates the bitmap stored with the source (qcow2 extension or
+    // sidecar), so the source opens read-write; the backup itself only reads it.
+    const src = await openImage(graph, args.source, sourceFormat, args.sync !== 'bitmap');
     const length = src.length;
+    let bitmap: DirtyBitmap | undefined;
+    if (args.sync === 'bitmap') {
+      bitmap = src.bitmaps.find(args.bitmap!);
+      if (!bitmap || !bitmap.persistent) {
+        throw new ShearError('ERR_BITMAP_NOT_FOUND', `Cannot back up "${args.source}": it carries no persistent bitmap "${args.bitmap}" (have: ${src.bitmaps.list().map((b) => b.name).join(', ') || 'none'})`, { bitmap: args.bitmap! });
+      }
+      bitmap.check({ busy: true, inconsistent: true });
+    }
     let backingFile: string | undefined;
     let backingFormat: string | undefined;
-    if (args.sync === 'top') {
+    if (args.backing) {
+      backingFile = path.resolve(args.backing);
+      backingFormat = await probeFormat(backingFile);
+    } else if (args.sync === 'top') {
       if (sourceFormat !== 'qcow2' || args.targetFormat !== 'qcow2') usage('--sync top needs a qcow2 source and --target-format qcow2');
       const backing = src.child('backing')?.child;
       const fileOf = backing?.info.name === 'file' ? backing : backing?.child('file')?.child;
@@ -207,10 +243,23 @@ export async function runBackup(argv: string[], log: Logger, signal: AbortSignal
       targetIsZero: true,
       ...(args.compress ? { compress: { clusterBytes, windowBits: 12, writeDeflated: (o: number, d: Uint8Array) => (tgt.driver as Qcow2Node).writeDeflated(o, d) } } : {}),
     });
-    copy.copyBitmap.set(0, Math.max(1, src.length));
+    if (bitmap) {
+      // The point in time of an offline disk: freeze the bitmap, copy what it holds.
+      src.bitmaps.createSuccessor(bitmap);
+      copy.copyBitmap.merge(bitmap.bits);
+    } else {
+      copy.copyBitmap.set(0, Math.max(1, src.length));
+    }
     log.info({ evt: 'backup.start', node: src.name, bytes: src.length, workers: args.workers, clusterBytes, mapped: Boolean(srcEdge.hostMapping()?.mapRead && tgtEdge.hostMapping()?.mapWrite) }, 'backup started');
     copy.on('progress', (p) => progress.update(p.doneBytes, p.totalBytes, p.bytesPerSec));
     copy.on('retry', (r) => log.warn({ evt: 'copy.retry', offset: r.offset, bytes: r.bytes, attempt: r.attempt, err: r.error }, 'retrying a failed range'));
+    settleBitmap = (outcome) => {
+      if (!bitmap?.frozen) return;
+      // A failed one-shot backup leaves no target (the partial file is deleted), so nothing it
+      // copied is kept anywhere: under every mode the bitmap keeps all its bits then.
+      const mode = outcome === 'success' ? args.bitmapMode : args.bitmapMode === 'always' ? 'on-success' : args.bitmapMode;
+      concludeBitmapSync(src.bitmaps, bitmap, mode, outcome, copy.copyBitmap);
+    };
     await copy.run({ signal });
     const p = copy.progress;
     progress.update(p.doneBytes, p.totalBytes, p.bytesPerSec, true);
@@ -227,11 +276,15 @@ export async function runBackup(argv: string[], log: Logger, signal: AbortSignal
     }
     graph.detachUser(srcEdge);
     graph.detachUser(tgtEdge);
-    await closeAll(graph);
+    // The target is closed and in place before the bitmap forgets what it copied; the source
+    // closes last, storing its bitmap.
+    await removeTree(graph, tgt);
     await syncFile(partial);
     await rename(partial, args.target);
     renamed = true;
     await syncFile(path.dirname(args.target));
+    settleBitmap('success');
+    await closeAll(graph);
     const seconds = (performance.now() - t0) / 1000;
     const summary: BackupSummary = {
       source: args.source,
@@ -257,12 +310,23 @@ export async function runBackup(argv: string[], log: Logger, signal: AbortSignal
       );
     }
     return EXIT.OK;
+  } catch (err) {
+    // A failed or cancelled incremental keeps every bit it was to copy.
+    settleBitmap(signal.aborted ? 'cancel' : 'failure');
+    throw err;
   } finally {
     progress.finish();
     await pool?.destroy();
     await closeAll(graph).catch(() => {});
     if (!renamed) await rm(partial, { force: true });
   }
+}
+
+/** Removes `node` and the children created with it (its file, its backing chain). */
+async function removeTree(graph: BlockGraph, node: BlockNode): Promise<void> {
+  const children = node.childEdges.map((e) => e.child);
+  await graph.removeNode(node.name);
+  for (const c of children) if (c.parentEdges.size === 0) await removeTree(graph, c);
 }
 
 async function closeAll(graph: BlockGraph): Promise<void> {
