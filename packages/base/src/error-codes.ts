@@ -37,7 +37,6 @@ export const ERROR_CODES = {
   ERR_COPY_READ_FAILED: 'io',
   ERR_COPY_WRITE_FAILED: 'io',
   ERR_COPY_WORKER_DIED: 'io',
-  ERR_COPY_DISCARDED: 'invalid-argument',
 
   ERR_CBW_FAILED: 'io',
   ERR_SNAPSHOT_BROKEN: 'io',
