@@ -298,3 +298,23 @@ t.test('rate limiter: admits while not in debt, delays by the debt, changes spee
   t.equal(r.take(10 ** 9, 500), 0, 'unlimited');
   t.throws(() => r.setSpeed(-1), { code: 'ERR_INVALID_ARGUMENT' });
 });
+
+t.test('a worker thread that dies in the middle of a task: the range is retried on a new thread and nothing is lost', async (t) => {
+  const pool = new CopyWorkerPool({ workers: 2 });
+  t.teardown(() => pool.destroy());
+  const e = await fileEndpoints(t, 8 * MiB, 3);
+  const bc = new BlockCopy({ source: e.source, target: e.target, length: 8 * MiB, pool, maxChunkBytes: 2 * MiB, retryBackoffMs: 1, faultInjection: { killWorkerAfterBytes: 1, tasks: 2 } });
+  bc.copyBitmap.set(0, 8 * MiB);
+  const retries: string[] = [];
+  bc.on('retry', (r: { error: { code: string } }) => retries.push(r.error.code));
+  await bc.run();
+  t.same(retries, ['ERR_COPY_WORKER_DIED', 'ERR_COPY_WORKER_DIED'], 'both deaths were seen and retried');
+  t.ok(readFileSync(e.dstPath).equals(e.content), 'the copy is complete and exact');
+  // Once the retries are spent, the copy fails cleanly and gives every cluster back.
+  const e2 = await fileEndpoints(t, 4 * MiB, 4);
+  const bc2 = new BlockCopy({ source: e2.source, target: e2.target, length: 4 * MiB, pool, maxChunkBytes: 4 * MiB, retryAttempts: 1, retryBackoffMs: 1, faultInjection: { killWorkerAfterBytes: 1, tasks: 5 } });
+  bc2.copyBitmap.set(0, 4 * MiB);
+  await t.rejects(bc2.run(), { code: 'ERR_COPY_WORKER_DIED' });
+  t.equal(bc2.copyBitmap.countBytes(), 4 * MiB, 'every cluster is dirty again');
+  t.equal(bc2.inFlightTasks, 0, 'nothing hangs');
+});

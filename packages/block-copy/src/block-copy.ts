@@ -47,6 +47,8 @@ export interface BlockCopyOptions {
   retryBackoffMs?: number;
   /** Write deflated clusters through this (a qcow2 target); the cluster size must equal clusterBytes. */
   compress?: CompressTarget;
+  /** Fault injection for tests: the worker threads running the first `tasks` tasks die after writing `afterBytes`. */
+  faultInjection?: { killWorkerAfterBytes: number; tasks: number };
 }
 
 export interface CopyProgress {
@@ -103,6 +105,8 @@ export class BlockCopy extends EventEmitter {
   readonly #target: CopyEndpoint;
   readonly #pool: CopyWorkerPool | undefined;
   readonly #compress: CompressTarget | undefined;
+  #faultsLeft: number;
+  readonly #faultAfterBytes: number;
   readonly #maxTasks: number;
   readonly #maxInFlightBytes: number;
   readonly #rate: RateLimiter;
@@ -144,6 +148,8 @@ export class BlockCopy extends EventEmitter {
       throw new ShearError('ERR_INVALID_ARGUMENT', `Cannot copy compressed: the copy cluster size ${this.clusterBytes} must equal the target's cluster size ${opts.compress.clusterBytes}`);
     }
     this.#compress = opts.compress;
+    this.#faultsLeft = opts.faultInjection?.tasks ?? 0;
+    this.#faultAfterBytes = opts.faultInjection?.killWorkerAfterBytes ?? 0;
     this.#source = opts.source;
     this.#target = opts.target;
     this.#pool = opts.singleTask && opts.pool && opts.pool.workers !== 1 ? undefined : opts.pool;
@@ -492,6 +498,7 @@ export class BlockCopy extends EventEmitter {
         cancel: this.#cancelWords,
         cancelIndex: t.cancelIndex,
         compress: this.#compress,
+        faultExitAfterBytes: this.#faultsLeft-- > 0 ? this.#faultAfterBytes : undefined,
       },
       t.offset,
       t.bytes,

@@ -26,6 +26,8 @@ export interface ExecuteContext {
   cancelIndex: number;
   /** Store whole clusters deflated (qcow2 compressed clusters), as QEMU's backup `compress`. */
   compress?: CompressTarget | undefined;
+  /** Fault injection: the worker running this task dies after writing this many bytes. */
+  faultExitAfterBytes?: number | undefined;
 }
 
 export interface CompressTarget {
@@ -162,6 +164,7 @@ async function copyThroughWorker(ctx: ExecuteContext, pool: CopyWorkerPool, offs
     dropCache: ctx.dropCache,
     cancel: ctx.cancel.buffer as SharedArrayBuffer,
     cancelIndex: ctx.cancelIndex,
+    ...(ctx.faultExitAfterBytes !== undefined ? { faultExitAfterBytes: ctx.faultExitAfterBytes } : {}),
   };
   const result = await pool.run(task);
   if (result.ok) {

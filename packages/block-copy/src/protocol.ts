@@ -27,6 +27,11 @@ export interface CopyTaskMessage {
   compressClusterBytes?: number;
   /** zlib windowBits for compression (the format's readers must be able to inflate it). */
   compressWindowBits?: number;
+  /**
+   * Fault injection (tests, like blkdebug for I/O): the worker thread exits once it has written
+   * this many bytes of the task, as a crashing thread would.
+   */
+  faultExitAfterBytes?: number;
 }
 
 /**

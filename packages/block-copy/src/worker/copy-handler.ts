@@ -43,6 +43,7 @@ export function runCopyTask(task: CopyTaskMessage, native: NativeIO = getNative(
         writePiece(task, done, buf, native);
       }
       done += n;
+      if (task.faultExitAfterBytes !== undefined && done >= task.faultExitAfterBytes) process.exit(70);
     }
   } catch (err) {
     return { ok: false, error: toWire(err), doneBytes: done };
