@@ -1,5 +1,5 @@
 import { ArgReader, ShearError } from '@shear/base';
-import { PERM_ALL, PERM_CONSISTENT_READ, PERM_WRITE, type ChildEdge } from '@shear/block';
+import { PERM_ALL, PERM_CONSISTENT_READ, PERM_WRITE, type BlockNode, type ChildEdge } from '@shear/block';
 import type { DirtyBitmap } from '@shear/dirty-bitmap';
 import { SnapshotAccess } from '@shear/fleecing';
 import { NbdServer, type NbdAddress } from '@shear/nbd';
@@ -143,9 +143,17 @@ function exportBitmaps(ctx: DaemonContext, node: string, list: unknown[] | undef
       name = r.string('name');
       r.done();
     }
-    const bm = lookupNode(ctx, nodeName).bitmaps.find(name);
-    if (!bm) throw new ShearError('ERR_BITMAP_NOT_FOUND', `Enabled bitmap '${name}' not found`, { bitmap: name });
-    return bm;
+    // A bare name is looked up on the exported node and down its chain of filters and backing
+    // files, as QEMU does: a fleecing export (snapshot-access -> copy-before-write -> disk)
+    // finds the disk's bitmaps.
+    let at: BlockNode | undefined = lookupNode(ctx, nodeName);
+    while (at) {
+      const bm = at.bitmaps.find(name);
+      if (bm) return bm;
+      if (typeof item !== 'string') break;
+      at = (at.child('file') ?? at.child('backing') ?? at.child('image'))?.child;
+    }
+    throw new ShearError('ERR_BITMAP_NOT_FOUND', `Bitmap '${name}' is not found`, { bitmap: name });
   });
 }
 
