@@ -24,9 +24,12 @@ export async function startDaemon(_dir: string, extraArgs: string[] = [], opts: 
   // UNIX socket paths are limited to about 107 bytes: test directories are too deep for them.
   const sockDir = mkdtempSync(path.join(os.tmpdir(), 'shear-qmp-'));
   const socket = path.join(sockDir, `${opts.name ?? 'qmp'}.sock`);
-  const proc = spawn(process.execPath, [SHEAR_BIN, 'daemon', '--qmp', `unix:${socket}`, '--log-level', 'warn', ...extraArgs], { stdio: ['ignore', 'ignore', 'pipe'] });
+  const proc = spawn(process.execPath, [SHEAR_BIN, 'daemon', '--qmp', `unix:${socket}`, '--log-level', process.env['SHEAR_TEST_LOG'] ?? 'warn', ...extraArgs], { stdio: ['ignore', 'ignore', 'pipe'] });
   let stderr = '';
-  proc.stderr!.on('data', (d) => (stderr += d));
+  proc.stderr!.on('data', (d) => {
+    stderr += d;
+    if (process.env['SHEAR_TEST_LOG']) process.stderr.write(d);
+  });
   const exited = new Promise<number | null>((resolve) => proc.once('exit', (code) => resolve(code)));
   for (let i = 0; i < 200 && !existsSync(socket); i++) {
     if (proc.exitCode !== null) break;

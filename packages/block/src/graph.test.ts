@@ -205,3 +205,40 @@ t.test('every write marks the recording bitmaps before it completes, also when i
   await t.rejects(disk.write(4 * MiB - 1, new Uint8Array(2)), { code: 'ERR_OUT_OF_BOUNDS' });
   t.equal(bm.bits.countBits(), before, 'a refused out-of-range write marks nothing');
 });
+
+t.test('removing a filter drains it: a request inside finishes, one arriving meanwhile goes to the node below', async (t) => {
+  const g = new BlockGraph();
+  const disk = await memoryNode(g, 'disk');
+  const guest = g.attachUser(user('guest'), disk, PERM_WRITE | PERM_CONSISTENT_READ, PERM_ALL);
+  let open!: () => void;
+  const gate = new Promise<void>((r) => (open = r));
+  const f = await g.addNode({
+    name: 'slow', info: FILTER, children: [{ role: 'file', node: disk }],
+    open: async (c) => {
+      const inner = new CountingFilter(c.get('file')!);
+      const write = inner.write.bind(inner);
+      inner.write = async (o: number, b: Uint8Array) => {
+        await gate;
+        return write(o, b);
+      };
+      return inner;
+    },
+  });
+  g.insertFilter(f, disk);
+  const inside = guest.write(0, new Uint8Array(512).fill(1)); // waits inside the filter
+  await new Promise((r) => setImmediate(r));
+  const removal = g.removeFilter(f);
+  await new Promise((r) => setImmediate(r));
+  const arriving = guest.write(4096, new Uint8Array(512).fill(2)); // held back by the drain
+  await new Promise((r) => setImmediate(r));
+  t.equal(g.find('slow')?.name, 'slow', 'the filter stays until the request inside it is done');
+  open();
+  await Promise.all([inside, removal, arriving]);
+  t.notOk(g.find('slow'));
+  t.equal((f as unknown as { isOpen: boolean }).isOpen, false);
+  const buf = new Uint8Array(1);
+  await guest.read(4096, buf);
+  t.equal(buf[0], 2, 'the held-back write reached the disk directly');
+  await guest.read(0, buf);
+  t.equal(buf[0], 1, 'the write inside the filter completed');
+});

@@ -163,7 +163,8 @@ export class BlockGraph {
 
   /**
    * Puts `filter`, whose primary child edge already points at `below`, above `below`: every
-   * other parent of `below` (nodes, exports, jobs) now reaches it through the filter.
+   * other parent of `below` (nodes, exports, jobs) now reaches it through the filter. Callers
+   * hold a drain of `below` (BlockNode.drain) so that no request is in flight across the change.
    * @throws ERR_BLOCK_GRAPH, ERR_BLOCK_PERMISSION_CONFLICT (and changes nothing)
    */
   insertFilter(filter: BlockNode, below: BlockNode, role = 'file'): void {
@@ -185,7 +186,14 @@ export class BlockGraph {
   async removeFilter(filter: BlockNode, role = 'file'): Promise<void> {
     const own = filter.child(role);
     if (!own) throw new ShearError('ERR_BLOCK_GRAPH', `Cannot remove filter "${filter.name}": it has no "${role}" child`, { node: filter.name });
-    this.replaceNode(filter, own.child);
+    // Drained: no request is left inside the filter when its parents move away (it would find
+    // the filter's own edges without permissions), and new ones go straight to the child.
+    const release = await filter.drain();
+    try {
+      this.replaceNode(filter, own.child);
+    } finally {
+      release();
+    }
     await this.removeNode(filter.name);
   }
 

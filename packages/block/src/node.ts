@@ -64,31 +64,45 @@ export class ChildEdge implements BlockIO {
     }
   }
 
+  /**
+   * Runs `fn` on the child the edge points to once that child is not drained. A drain holds
+   * new requests back while the graph changes; a request held back this way goes to whatever
+   * child the edge points to afterwards (the source again, once a filter is gone).
+   */
+  async #route<T>(fn: (child: BlockNode) => Promise<T>): Promise<T> {
+    let child = this.#child;
+    for (let gate = child.drainGate; gate; gate = child.drainGate) {
+      await gate;
+      child = this.#child;
+    }
+    return fn(child);
+  }
+
   read(offset: number, buf: Uint8Array): Promise<void> {
-    return this.#child.read(offset, buf);
+    return this.#route((c) => c.read(offset, buf));
   }
   write(offset: number, buf: Uint8Array, opts?: WriteOptions): Promise<void> {
     this.#need(PERM_WRITE | PERM_WRITE_UNCHANGED, 'write to');
-    return this.#child.write(offset, buf, opts);
+    return this.#route((c) => c.write(offset, buf, opts));
   }
   writeZeroes(offset: number, bytes: number, opts?: WriteZeroesOptions): Promise<void> {
     this.#need(PERM_WRITE | PERM_WRITE_UNCHANGED, 'write zeroes to');
-    return this.#child.writeZeroes(offset, bytes, opts);
+    return this.#route((c) => c.writeZeroes(offset, bytes, opts));
   }
   discard(offset: number, bytes: number): Promise<void> {
     this.#need(PERM_WRITE, 'discard on');
-    return this.#child.discard(offset, bytes);
+    return this.#route((c) => c.discard(offset, bytes));
   }
   flush(): Promise<void> {
-    return this.#child.flush();
+    return this.#route((c) => c.flush());
   }
   blockStatus(offset: number, bytes: number): Promise<BlockStatusExtent[]> {
-    return this.#child.blockStatus(offset, bytes);
+    return this.#route((c) => c.blockStatus(offset, bytes));
   }
   /** Resizes the child (a format growing its image file); needs the resize permission. */
   truncate(length: number): Promise<void> {
     this.#need(PERM_RESIZE, 'resize');
-    return this.#child.truncate(length);
+    return this.#route((c) => c.truncate(length));
   }
   /** Direct host access for worker threads, with this edge's permissions; undefined if the child cannot be mapped. */
   hostMapping(): HostMappable | undefined {
@@ -142,6 +156,7 @@ export class BlockNode implements BlockIO {
   #inflight = 0;
   #drainWaiters: (() => void)[] = [];
   #closeHooks: (() => Promise<void>)[] = [];
+  #drainGate: Promise<void> | undefined;
   #writeGate: (() => Promise<void> | undefined) | undefined;
 
   /** @internal Created by BlockGraph.addNode. */
@@ -219,7 +234,30 @@ export class BlockNode implements BlockIO {
     return this.#inflight;
   }
 
+  /** While a drain is held: the promise new requests wait on. */
+  get drainGate(): Promise<void> | undefined {
+    return this.#drainGate;
+  }
+
+  /**
+   * QEMU's drained section: holds new requests back (at the edges that lead here, and at the
+   * node itself) and waits until none is in flight. The caller changes the graph in the same
+   * synchronous step as it gets the release function, then releases; held requests then go
+   * wherever their edges point. Drains of one node nest in order.
+   */
+  async drain(): Promise<() => void> {
+    while (this.#drainGate) await this.#drainGate;
+    let release!: () => void;
+    this.#drainGate = new Promise<void>((resolve) => (release = resolve));
+    while (this.#inflight > 0) await new Promise<void>((resolve) => this.#drainWaiters.push(resolve));
+    return () => {
+      this.#drainGate = undefined;
+      release();
+    };
+  }
+
   async #track<T>(fn: () => Promise<T>): Promise<T> {
+    while (this.#drainGate) await this.#drainGate;
     this.#inflight++;
     try {
       return await fn();

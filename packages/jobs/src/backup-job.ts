@@ -156,9 +156,12 @@ export class BackupJob implements JobDriver {
           },
         }),
     });
+    let release: (() => void) | undefined;
     try {
-      // The point in time: freeze, fill the copy bitmap, insert the filter, with no await
-      // between them, so no write can fall between the three.
+      // The point in time: with the source drained (no write in flight, new ones held back),
+      // freeze, fill the copy bitmap and insert the filter with no await between them, so no
+      // write can fall between the three or straddle them.
+      release = await p.source.drain();
       inTransaction((tx) => {
         const cbw = filter.driver as CopyBeforeWrite;
         if (bitmap) {
@@ -175,7 +178,10 @@ export class BackupJob implements JobDriver {
         tx.add({ abort: () => graph.detachUser(user) });
         edge = user;
       });
+      release();
+      release = undefined;
     } catch (err) {
+      release?.();
       await graph.removeNode(filter.name).catch(() => {});
       throw err;
     }
