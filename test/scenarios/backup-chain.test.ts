@@ -172,3 +172,29 @@ t.test('verbs per job state, auto-finalize=false, and refusals with QEMU message
   const nodes = await d.cmd<{ 'node-name': string; 'dirty-bitmaps': unknown[] }[]>('query-named-block-nodes');
   t.same(nodes.find((n) => n['node-name'] === 'disk0')!['dirty-bitmaps'], [], 'the aborted transaction added no bitmap');
 });
+
+t.test('a full target (ENOSPC) under on-target-error=enospc pauses the job; resumed, it completes exactly', async (t) => {
+  if (!requireTools(t, 'qemu-img')) return;
+  const dir = t.testdir();
+  const disk = path.join(dir, 'disk.raw');
+  const content = makeRawImage(disk, SIZE, 25);
+  const d = await startDaemon(dir, ['--blockdev', `driver=file,node-name=disk0,filename=${disk}`]);
+  t.teardown(() => d.stop());
+  const tgtFile = path.join(dir, 'tgt.raw');
+  qemuImg('create', '-q', '-f', 'raw', tgtFile, String(SIZE));
+  await d.cmd('blockdev-add', {
+    driver: 'blkdebug', 'node-name': 'full-disk',
+    'inject-error': [{ event: 'write_aio', errno: 28, once: true }],
+    image: { driver: 'file', filename: tgtFile },
+  });
+  await d.cmd('blockdev-backup', { 'job-id': 'nospc', device: 'disk0', target: 'full-disk', sync: 'full', 'on-target-error': 'enospc' });
+  const err = await d.qmp.waitEvent('BLOCK_JOB_ERROR', (e) => e['device'] === 'nospc', { timeoutMs: 30_000 });
+  t.match(err.data, { operation: 'write', action: 'stop' });
+  await d.qmp.waitEvent('JOB_STATUS_CHANGE', (e) => e['id'] === 'nospc' && e['status'] === 'paused', { timeoutMs: 30_000 }).catch(() => {});
+  t.match(await d.cmd('query-jobs'), [{ id: 'nospc', status: 'paused' }]);
+  await d.cmd('job-resume', { id: 'nospc' });
+  const end = await jobEnd(d, 'nospc');
+  t.notOk(end.data?.['error'], 'it completed after the resume');
+  await d.cmd('blockdev-del', { 'node-name': 'full-disk' });
+  t.ok(readFileSync(tgtFile).equals(content), 'and the target holds the whole disk');
+});
