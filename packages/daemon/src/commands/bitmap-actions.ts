@@ -34,7 +34,7 @@ function nodeAndName(args: Record<string, unknown>): { a: ArgReader; node: strin
   return { a, node: a.string('node'), name: a.string('name') };
 }
 
-export const bitmapAdd: Action = (args, tx, ctx) => {
+export const bitmapAdd: Action = (args, tx, ctx, after) => {
   const { a, node, name } = nodeAndName(args);
   const granularity = a.int('granularity', { optional: true });
   const persistent = a.bool('persistent', false)!;
@@ -45,6 +45,9 @@ export const bitmapAdd: Action = (args, tx, ctx) => {
   if (persistent) requireBitmapStorage(n);
   n.bitmaps.add({ name, ...(granularity !== undefined ? { granularity } : {}), persistent, disabled });
   tx.add({ abort: () => void n.bitmaps.remove(name) });
+  // Stored at once, marked in use: after a crash it comes back inconsistent, never missing
+  // (a missing bitmap would look like one that was never created).
+  if (persistent) after(() => requireBitmapStorage(n).store({ inUse: true }));
 };
 
 export const bitmapRemove: Action = (args, tx, ctx, after) => {
