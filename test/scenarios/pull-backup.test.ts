@@ -138,3 +138,42 @@ t.test('pull backups through the fleecing export while a writer changes the live
   await gone;
   t.same((await d.cmd<{ 'node-name': string }[]>('query-block-exports')).map((e) => e['node-name']), ['disk0'], 'the live export is back on the disk');
 });
+
+t.test('a push backup of the point-in-time view with discard-source drains the preserved data as it goes', async (t) => {
+  if (!requireTools(t, 'qemu-img')) return;
+  const dir = t.testdir();
+  const disk = path.join(dir, 'disk.raw');
+  makeRawImage(disk, SIZE, 33);
+  const tmp = path.join(dir, 'cache.tmp');
+  qemuImg('create', '-q', '-f', 'raw', tmp, String(SIZE));
+  const final = path.join(dir, 'final.raw');
+  qemuImg('create', '-q', '-f', 'raw', final, String(SIZE));
+  const d = await startDaemon(dir, ['--blockdev', `driver=file,node-name=disk0,filename=${disk}`]);
+  t.teardown(() => d.stop());
+  await d.cmd('x-shear-io', { node: 'disk0', command: 'read 0 4k' }); // the guest, attached
+  await d.cmd('blockdev-add', { driver: 'file', 'node-name': 'tmp', filename: tmp });
+  await d.cmd('blockdev-backup', { 'job-id': 'fleece', device: 'disk0', target: 'tmp', sync: 'none', 'filter-node-name': 'cbw' });
+  const snapshot = readFileSync(disk);
+  await d.cmd('blockdev-add', { driver: 'snapshot-access', 'node-name': 'snap', file: 'cbw' });
+  // The guest overwrites 4 MiB: their old data is preserved in the scratch file.
+  for (let c = 0; c < 64; c++) await d.cmd('x-shear-io', { node: 'disk0', command: `write -P 0x42 ${c * C} 64k` });
+  const { statSync } = await import('node:fs');
+  const before = statSync(tmp).blocks * 512;
+  // Data clusters take space there; clusters that were holes are preserved as holes.
+  t.ok(before >= MiB, `the scratch file holds the preserved clusters (${before} bytes)`);
+  await d.cmd('blockdev-add', { driver: 'file', 'node-name': 'final', filename: final });
+  await d.cmd('blockdev-backup', { 'job-id': 'drain', device: 'snap', target: 'final', sync: 'full', 'discard-source': true });
+  const end = await new Promise<Record<string, unknown>>((resolve) => {
+    const on = (e: { event: string; data?: Record<string, unknown> }) => {
+      if (e.event === 'BLOCK_JOB_COMPLETED' && e.data?.['device'] === 'drain') resolve(e.data);
+    };
+    d.qmp.on('event', on);
+  });
+  t.notOk(end['error'], 'the drain backup succeeded');
+  await d.cmd('blockdev-del', { 'node-name': 'final' });
+  t.ok(readFileSync(final).equals(snapshot), 'the slow target holds the disk as it was');
+  const after = statSync(tmp).blocks * 512;
+  t.ok(after < before / 4, `the preserved data was freed as it reached the target (${before} -> ${after} bytes)`);
+  await d.cmd('blockdev-del', { 'node-name': 'snap' });
+  await d.cmd('job-cancel', { id: 'fleece' });
+});

@@ -1,5 +1,5 @@
 import { ShearError, inTransaction } from '@shear/base';
-import { PERM_ALL, PERM_CONSISTENT_READ, type BlockGraph, type BlockNode, type ChildEdge } from '@shear/block';
+import { PERM_ALL, PERM_CONSISTENT_READ, PERM_WRITE, type BlockGraph, type BlockNode, type ChildEdge } from '@shear/block';
 import type { CopyWorkerPool } from '@shear/block-copy';
 import { concludeBitmapSync, type BitmapSyncMode, type DirtyBitmap } from '@shear/dirty-bitmap';
 import { CBW_INFO, CopyBeforeWrite, type OnCbwError } from '@shear/fleecing';
@@ -122,7 +122,6 @@ export class BackupJob implements JobDriver {
    */
   static async create(graph: BlockGraph, pool: CopyWorkerPool | undefined, p: BackupParams): Promise<BackupJob> {
     const { sync, bitmapMode } = checkBackupArgs(p);
-    if (p.discardSource) throw new ShearError('ERR_NOT_IMPLEMENTED', "Cannot start backup: 'discard-source' is not implemented");
     if (p.source === p.target) throw new ShearError('ERR_INVALID_ARGUMENT', 'Cannot start backup: source and target are the same node');
     if (p.source.length !== p.target.length) throw new ShearError('ERR_INVALID_ARGUMENT', 'Source and target image have different sizes');
     const bitmap = p.bitmap ? p.source.bitmaps.get(p.bitmap) : undefined;
@@ -174,7 +173,8 @@ export class BackupJob implements JobDriver {
         graph.insertFilter(filter, p.source);
         // The job is a parent of the filter too, so the source stays protected even when no one
         // else uses it (QEMU's backup job holds its own parent on the filter likewise).
-        const user = graph.attachUser({ kind: 'user', name: `backup job on "${p.source.name}"` }, filter, PERM_CONSISTENT_READ, PERM_ALL);
+        // With discard-source the job also discards what it copied, so it needs write.
+        const user = graph.attachUser({ kind: 'user', name: `backup job on "${p.source.name}"` }, filter, p.discardSource ? PERM_CONSISTENT_READ | PERM_WRITE : PERM_CONSISTENT_READ, PERM_ALL);
         tx.add({ abort: () => graph.detachUser(user) });
         edge = user;
       });
@@ -185,7 +185,7 @@ export class BackupJob implements JobDriver {
       await graph.removeNode(filter.name).catch(() => {});
       throw err;
     }
-    return new BackupJob({
+    const job = new BackupJob({
       graph,
       edge: edge!,
       source: p.source,
@@ -197,7 +197,26 @@ export class BackupJob implements JobDriver {
       onSourceError: p.onSourceError ?? 'report',
       onTargetError: p.onTargetError ?? 'report',
     });
+    if (p.discardSource) job.#discardCopied();
+    return job;
   }
+
+  /**
+   * QEMU's discard-source: every range that reached the target is discarded on the source,
+   * through the filter. On a point-in-time view (snapshot-access) that frees the space the
+   * preserved data took (a fleecing cache drains as the backup proceeds).
+   */
+  #discardCopied(): void {
+    this.#cbw.copy.on('range-done', (offset: number, bytes: number) => {
+      this.#discards.add(
+        this.#edge.discard(offset, bytes).catch(() => {
+          // A failed discard only means the space is freed later; the backup is unaffected.
+        }),
+      );
+    });
+  }
+
+  readonly #discards = new Set<Promise<void>>();
 
   /**
    * Undoes create() for a job that never started (a transaction that failed after this
@@ -280,6 +299,7 @@ export class BackupJob implements JobDriver {
   async clean(): Promise<void> {
     if (this.#cleaned) return;
     this.#cleaned = true;
+    await Promise.all(this.#discards);
     this.#graph.detachUser(this.#edge);
     await this.#graph.removeFilter(this.#filter);
   }
