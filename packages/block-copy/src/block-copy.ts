@@ -47,6 +47,11 @@ export interface BlockCopyOptions {
   retryBackoffMs?: number;
   /** Write deflated clusters through this (a qcow2 target); the cluster size must equal clusterBytes. */
   compress?: CompressTarget;
+  /**
+   * Ranges to copy before the rest, when dirty (a fleecing cache's held data: draining it first
+   * frees memory and keeps the cache from filling). Called whenever a background task is cut.
+   */
+  prefer?: () => Iterable<{ offset: number; bytes: number }>;
   /** Fault injection for tests: the worker threads running the first `tasks` tasks die after writing `afterBytes`. */
   faultInjection?: { killWorkerAfterBytes: number; tasks: number };
 }
@@ -106,6 +111,7 @@ export class BlockCopy extends EventEmitter {
   readonly #pool: CopyWorkerPool | undefined;
   readonly #compress: CompressTarget | undefined;
   #faultsLeft: number;
+  readonly #prefer: (() => Iterable<{ offset: number; bytes: number }>) | undefined;
   readonly #faultAfterBytes: number;
   readonly #maxTasks: number;
   readonly #maxInFlightBytes: number;
@@ -149,6 +155,7 @@ export class BlockCopy extends EventEmitter {
     }
     this.#compress = opts.compress;
     this.#faultsLeft = opts.faultInjection?.tasks ?? 0;
+    this.#prefer = opts.prefer;
     this.#faultAfterBytes = opts.faultInjection?.killWorkerAfterBytes ?? 0;
     this.#source = opts.source;
     this.#target = opts.target;
@@ -473,6 +480,12 @@ export class BlockCopy extends EventEmitter {
   }
 
   #nextBackgroundArea() {
+    if (this.#prefer) {
+      for (const r of this.#prefer()) {
+        const area = this.copyBitmap.nextDirtyArea(r.offset, Math.min(this.length, r.offset + r.bytes), this.maxChunkBytes);
+        if (area) return area;
+      }
+    }
     let area = this.copyBitmap.nextDirtyArea(this.#scanAt, this.length, this.maxChunkBytes);
     if (!area && this.#scanAt > 0) area = this.copyBitmap.nextDirtyArea(0, this.length, this.maxChunkBytes);
     if (area) this.#scanAt = area.offset + area.bytes;

@@ -18,7 +18,7 @@ import {
 } from '@shear/block';
 import { Qcow2Image } from '@shear/qcow2';
 import type { CopyWorkerPool } from '@shear/block-copy';
-import { CBW_INFO, CopyBeforeWrite, SNAPSHOT_ACCESS_INFO, SnapshotAccess } from '@shear/fleecing';
+import { CBW_INFO, CopyBeforeWrite, FLEECING_CACHE_INFO, FleecingCache, SNAPSHOT_ACCESS_INFO, SnapshotAccess } from '@shear/fleecing';
 import { NbdClientDriver, type NbdAddress } from '@shear/nbd';
 import { qcow2Driver } from './qcow2-node.js';
 import { attachBitmapStorage } from './persistent-bitmaps.js';
@@ -178,6 +178,17 @@ async function add(graph: BlockGraph, options: unknown, ctx: BlockdevContext, cr
       node = await base(NBD_INFO, () => NbdClientDriver.connect({ address, exportName }));
       break;
     }
+    case 'fleecing-cache': {
+      // Shear's own: RAM first, then an optional local spill file (seed 000).
+      const ramBytes = a.int('ram-bytes', { min: 0 })!;
+      const fileBytes = a.int('file-bytes', { min: 0, optional: true });
+      const size = a.int('size', { min: 0, optional: true });
+      const file = await child('file', true);
+      const length = size ?? file?.length;
+      if (length === undefined) throw new ShearError('ERR_INVALID_ARGUMENT', "Parameter 'size' is missing (a fleecing cache without a spill file needs it)");
+      node = await base(FLEECING_CACHE_INFO, async (c) => new FleecingCache({ length, ramBytes, ...(c.get('file') ? { file: c.get('file')! } : {}), ...(fileBytes !== undefined ? { fileBytes } : {}) }), file ? [{ role: 'file', node: file }] : []);
+      break;
+    }
     case 'snapshot-access': {
       const file = (await child('file'))!;
       node = await base(SNAPSHOT_ACCESS_INFO, async (c) => new SnapshotAccess(c.get('file')!), [{ role: 'file', node: file }]);
@@ -185,7 +196,7 @@ async function add(graph: BlockGraph, options: unknown, ctx: BlockdevContext, cr
     }
     default:
       a.ignore(...Object.keys(options as object));
-      throw new ShearError('ERR_NOT_IMPLEMENTED', `Cannot add block node: driver '${driver}' is not supported (supported: file, null-co, raw, qcow2, blkdebug, nbd, copy-before-write, snapshot-access)`);
+      throw new ShearError('ERR_NOT_IMPLEMENTED', `Cannot add block node: driver '${driver}' is not supported (supported: file, null-co, raw, qcow2, blkdebug, nbd, copy-before-write, snapshot-access, fleecing-cache)`);
   }
   // Persistent bitmaps are loaded (and taken) before anyone can write through the node.
   try {

@@ -120,6 +120,11 @@ export class CopyBeforeWrite implements BlockIO {
     return this.#file.length;
   }
 
+  /** The node preserved data goes to. */
+  get targetEdge(): ChildEdge {
+    return this.#target;
+  }
+
   /** Set once a copy failed under break-snapshot: the point-in-time view is lost. */
   get snapshotBroken(): ShearError | undefined {
     return this.#broken;

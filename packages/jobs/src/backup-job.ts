@@ -2,7 +2,7 @@ import { ShearError, inTransaction } from '@shear/base';
 import { PERM_ALL, PERM_CONSISTENT_READ, PERM_WRITE, type BlockGraph, type BlockNode, type ChildEdge } from '@shear/block';
 import type { CopyWorkerPool } from '@shear/block-copy';
 import { concludeBitmapSync, type BitmapSyncMode, type DirtyBitmap } from '@shear/dirty-bitmap';
-import { CBW_INFO, CopyBeforeWrite, type OnCbwError } from '@shear/fleecing';
+import { CBW_INFO, CopyBeforeWrite, FleecingCache, SnapshotAccess, type OnCbwError } from '@shear/fleecing';
 import type { Job, JobDriver } from './job.js';
 
 export type MirrorSyncMode = 'full' | 'top' | 'bitmap' | 'incremental' | 'none';
@@ -132,6 +132,11 @@ export class BackupJob implements JobDriver {
     if (p.compress && typeof targetDriver.writeDeflated !== 'function') {
       throw new ShearError('ERR_INVALID_ARGUMENT', `Cannot start backup: compression is not supported by target node "${p.target.name}" (it needs a qcow2 target)`);
     }
+    // Backing up a point-in-time view whose preserved data sits in a fleecing cache: copy the
+    // cached clusters first, so the cache drains (with discard-source) before it can fill.
+    const view = p.source.driver;
+    const cache = view instanceof SnapshotAccess && view.filter.targetEdge.child.isOpen ? view.filter.targetEdge.child.driver : undefined;
+    const prefer = cache instanceof FleecingCache ? () => cache.heldRanges() : undefined;
     let edge: ChildEdge | undefined;
     const filter = await graph.addNode({
       ...(p.filterNodeName !== undefined ? { name: p.filterNodeName } : {}),
@@ -151,6 +156,7 @@ export class BackupJob implements JobDriver {
             ...(p.maxWorkers ? { maxTasks: p.maxWorkers } : {}),
             speed: p.speed ?? 0,
             skipUnallocated: sync === 'top',
+            ...(prefer ? { prefer } : {}),
             ...(p.compress ? { compress: { clusterBytes, windowBits: 12, writeDeflated: (o: number, d: Uint8Array) => targetDriver.writeDeflated!(o, d) } } : {}),
           },
         }),

@@ -1,5 +1,6 @@
 import { ArgReader, ShearError } from '@shear/base';
 import { FileDriver, type BlockNode } from '@shear/block';
+import { FleecingCache } from '@shear/fleecing';
 import { addBlockdev, createImage } from '@shear/blockdev';
 import { formatQcow2 } from '@shear/qcow2';
 import type { JobDriver } from '@shear/jobs';
@@ -44,6 +45,10 @@ export function describeNode(node: BlockNode): Record<string, unknown> {
     image: { filename: file, format: node.info.name, 'virtual-size': node.length, 'dirty-flag': false },
     'dirty-bitmaps': node.bitmaps.info(),
   };
+  if (node.isOpen && node.driver instanceof FleecingCache) {
+    const st = node.driver.stats;
+    info['x-shear-cache'] = { 'ram-bytes': node.driver.ramLimit, 'ram-used': st.ramBytes, 'file-used': st.fileBytes, spills: st.spills, drained: st.drained };
+  }
   if (backing) {
     info['backing_file'] = filenameOf(backing);
     (info['image'] as Record<string, unknown>)['backing-filename'] = filenameOf(backing);

@@ -1,0 +1,86 @@
+import t from 'tap';
+import { readFileSync, statSync, writeFileSync } from 'node:fs';
+import path from 'node:path';
+import { requireTools } from '@shear/testkit';
+import { jobEnd, startDaemon, type DaemonHandle } from '../lib/daemon.js';
+import { makeRawImage, qemuImg } from '../lib/images.js';
+
+const MiB = 2 ** 20;
+const C = 65536;
+const SIZE = 16 * MiB;
+
+interface CacheInfo { 'ram-bytes': number; 'ram-used': number; 'file-used': number; spills: number; drained: number }
+
+async function cacheInfo(d: DaemonHandle): Promise<CacheInfo> {
+  const nodes = await d.cmd<{ 'node-name': string; 'x-shear-cache'?: CacheInfo }[]>('query-named-block-nodes');
+  return nodes.find((n) => n['node-name'] === 'cache')!['x-shear-cache']!;
+}
+
+t.test('fleecing cache: RAM first, spill file second, drained to the target with discard-source', async (t) => {
+  if (!requireTools(t, 'qemu-img')) return;
+  const dir = t.testdir();
+  const disk = path.join(dir, 'disk.raw');
+  const data = makeRawImage(disk, SIZE, 52);
+  for (let o = 0; o < SIZE; o += C) if (data.subarray(o, o + C).every((b) => b === 0)) data.fill(7, o, o + C);
+  writeFileSync(disk, data);
+  const spill = path.join(dir, 'spill.tmp');
+  qemuImg('create', '-q', '-f', 'raw', spill, String(SIZE));
+  const final = path.join(dir, 'final.raw');
+  qemuImg('create', '-q', '-f', 'raw', final, String(SIZE));
+  const d = await startDaemon(dir, ['--blockdev', `driver=file,node-name=disk0,filename=${disk}`]);
+  t.teardown(() => d.stop());
+  await d.cmd('x-shear-io', { node: 'disk0', command: 'read 0 4k' });
+  await d.cmd('blockdev-add', { driver: 'fleecing-cache', 'node-name': 'cache', 'ram-bytes': MiB, file: { driver: 'file', filename: spill } });
+  await d.cmd('blockdev-backup', { 'job-id': 'fleece', device: 'disk0', target: 'cache', sync: 'none', 'filter-node-name': 'cbw' });
+  const snapshot = readFileSync(disk);
+  await d.cmd('blockdev-add', { driver: 'snapshot-access', 'node-name': 'snap', file: 'cbw' });
+  // The guest overwrites 4 MiB: 1 MiB of old data fits in RAM, 3 MiB spill to the file.
+  for (let c = 0; c < 64; c++) await d.cmd('x-shear-io', { node: 'disk0', command: `write -P 0x42 ${c * C} 64k` });
+  let info = await cacheInfo(d);
+  t.match(info, { 'ram-used': MiB, 'file-used': 3 * MiB, spills: 48 }, 'RAM first, then the spill file');
+  t.ok(statSync(spill).blocks * 512 >= 3 * MiB, 'the spilled data is in the file');
+  // The backup to the (slow) target drains the cache as it goes.
+  await d.cmd('blockdev-add', { driver: 'file', 'node-name': 'final', filename: final });
+  await d.cmd('blockdev-backup', { 'job-id': 'drain', device: 'snap', target: 'final', sync: 'full', 'discard-source': true, 'x-perf': { 'max-chunk': 65536, 'max-workers': 1 } });
+  const end = await jobEnd(d, 'drain');
+  t.notOk(end.data?.['error']);
+  info = await cacheInfo(d);
+  t.match(info, { 'ram-used': 0, 'file-used': 0, drained: 64 }, 'every cached chunk was freed once it reached the target');
+  t.ok(statSync(spill).blocks * 512 < MiB, 'and the spill file is empty again');
+  await d.cmd('blockdev-del', { 'node-name': 'final' });
+  t.ok(readFileSync(final).equals(snapshot), 'the target holds the disk as it was');
+  await d.cmd('blockdev-del', { 'node-name': 'snap' });
+  await d.cmd('job-cancel', { id: 'fleece' });
+});
+
+for (const policy of ['break-guest-write', 'break-snapshot'] as const) {
+  t.test(`fleecing cache full (RAM and file): on-cbw-error=${policy} is followed exactly`, async (t) => {
+    if (!requireTools(t, 'qemu-img')) return;
+    const dir = t.testdir();
+    const disk = path.join(dir, 'disk.raw');
+    const data = makeRawImage(disk, SIZE, 53);
+    for (let o = 0; o < SIZE; o += C) if (data.subarray(o, o + C).every((b) => b === 0)) data.fill(7, o, o + C);
+    writeFileSync(disk, data);
+    const spill = path.join(dir, 'spill.tmp');
+    qemuImg('create', '-q', '-f', 'raw', spill, String(SIZE));
+    const d = await startDaemon(dir, ['--blockdev', `driver=file,node-name=disk0,filename=${disk}`]);
+    t.teardown(() => d.stop());
+    // Room for 4 chunks in RAM and 4 in the file.
+    await d.cmd('blockdev-add', { driver: 'fleecing-cache', 'node-name': 'cache', 'ram-bytes': 4 * C, 'file-bytes': 4 * C, file: { driver: 'file', filename: spill } });
+    await d.cmd('blockdev-add', { driver: 'copy-before-write', 'node-name': 'cbw', file: 'disk0', target: 'cache', 'on-cbw-error': policy });
+    await d.cmd('blockdev-add', { driver: 'snapshot-access', 'node-name': 'snap', file: 'cbw' });
+    // Writes go through the filter (a guest attached to it, as an export on it would be).
+    for (let c = 0; c < 8; c++) await d.cmd('x-shear-io', { node: 'cbw', command: `write -P 0x43 ${c * C} 64k` });
+    const ninth = d.cmd('x-shear-io', { node: 'cbw', command: `write -P 0x44 ${8 * C} 64k` });
+    if (policy === 'break-guest-write') {
+      await t.rejects(ninth, { message: /copy-before-write failed.*fleecing cache is full/ }, 'the guest write fails');
+      await t.rejects(d.cmd('x-shear-io', { node: 'cbw', command: `read -P 0x44 ${8 * C} 64k` }), { message: /Pattern verification failed/ }, 'and did not change the disk');
+      await d.cmd('x-shear-io', { node: 'snap', command: `read -P 0x${data[0]!.toString(16)} 0 1` });
+      t.pass('the snapshot stays readable, with the old data');
+    } else {
+      await ninth;
+      t.pass('the guest write succeeds');
+      await t.rejects(d.cmd('x-shear-io', { node: 'snap', command: 'read 0 4k' }), { message: /Cannot read the snapshot/ }, 'and the snapshot is given up');
+    }
+  });
+}
