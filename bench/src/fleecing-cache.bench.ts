@@ -78,6 +78,7 @@ async function run(mode: Mode, pool: CopyWorkerPool) {
     const t0 = performance.now();
     let backupDone = 0;
     let drain;
+    let fleeceDone: Promise<void> = Promise.resolve();
     if (mode === 'direct') {
       const job = jobs.create('backup', await BackupJob.create(g, pool, { source: disk, target: slow, sync: 'full' }));
       job.start();
@@ -99,7 +100,7 @@ async function run(mode: Mode, pool: CopyWorkerPool) {
       const job = jobs.create('drain', await BackupJob.create(g, pool, { source: snap, target: slow, sync: 'full', discardSource: true }));
       job.start();
       drain = job;
-      void job.concluded.then(async () => {
+      fleeceDone = job.concluded.then(async () => {
         fleece.cancel();
         await fleece.concluded;
       });
@@ -119,10 +120,11 @@ async function run(mode: Mode, pool: CopyWorkerPool) {
       latencies.push(performance.now() - w0);
     }
     await drain.concluded;
+    await fleeceDone;
     if (drain.error) throw drain.error;
     const seconds = (backupDone - t0) / 1000;
     g.detachUser(guest);
-    for (const n of ['snap', 'local', 'spill', 'slow', 'disk']) await g.removeNode(n).catch(() => {});
+    for (const n of ['snap', 'local', 'spill', 'slow', 'disk']) if (g.find(n)) await g.removeNode(n);
     latencies.sort((a, b) => a - b);
     return { latencies, seconds };
   } finally {
