@@ -505,7 +505,10 @@ export class BlockCopy extends EventEmitter {
         target: this.#target,
         pool: this.#pool,
         chunkBytes: Math.min(DEFAULT_WORKER_CHUNK_BYTES, this.maxChunkBytes),
-        dropCache: this.#opts.dropCache,
+        // A guest write waits on copy-before-write tasks: they do not wait for writeback (and
+        // what they preserve is often read back soon, by a pull), so only background copies
+        // pace the page cache.
+        dropCache: this.#opts.dropCache && t.lane !== 'cbw',
         skipUnallocated: this.#opts.skipUnallocated,
         targetIsZero: this.#opts.targetIsZero,
         cancel: this.#cancelWords,

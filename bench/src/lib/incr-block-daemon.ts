@@ -1,0 +1,151 @@
+// A block daemon for a benchmark: Shear's (`shear daemon`) or QEMU's (qemu-storage-daemon),
+// started the same way: one file node "disk0" on an image, a QMP socket, and a writable NBD
+// export "live" of disk0 on a UNIX socket (for filling a dirty bitmap through the daemon).
+// Plus one backup job run to completion and timed by its QMP events.
+import { spawn, type ChildProcess } from 'node:child_process';
+import { readFileSync, rmSync } from 'node:fs';
+import path from 'node:path';
+import { performance } from 'node:perf_hooks';
+import { CopyFailure } from './copy-runner.js';
+import { QmpClient } from './qmp-client.js';
+
+export type DaemonKind = 'shear' | 'qemu';
+
+export interface DaemonOptions {
+  kind: DaemonKind;
+  /** The image disk0 opens (read-write). */
+  image: string;
+  /** Where the sockets go (kept short: UNIX socket paths are limited to 107 bytes). */
+  workDir: string;
+  /** Path of Shear's CLI (packages/cli/dist/main.js); needed for kind 'shear'. */
+  shearCli?: string;
+  /** Extra daemon arguments, e.g. ['--workers', '1'] for Shear. */
+  extraArgs?: string[];
+}
+
+export const DISK_NODE = 'disk0';
+/** USER_HZ: Linux reports process times in 1/100 s on every architecture Node runs on. */
+const CLOCK_TICKS_PER_SEC = 100;
+export const EXPORT_NAME = 'live';
+
+/** One running daemon; close() stops it on every path (quit, then SIGKILL after a grace time). */
+export class BlockDaemon {
+  private constructor(
+    readonly kind: DaemonKind,
+    readonly qmp: QmpClient,
+    readonly nbdSocket: string,
+    readonly command: string,
+    private readonly child: ChildProcess,
+    private readonly exited: Promise<void>,
+    private readonly sockets: string[],
+    private readonly stderrText: () => string,
+  ) {}
+
+  static async start(o: DaemonOptions): Promise<BlockDaemon> {
+    const qmpSocket = path.join(o.workDir, `${o.kind}-qmp.sock`);
+    const nbdSocket = path.join(o.workDir, `${o.kind}-nbd.sock`);
+    for (const s of [qmpSocket, nbdSocket]) {
+      if (Buffer.byteLength(s) > 107) throw new CopyFailure(`Cannot start the ${o.kind} daemon: socket path "${s}" is too long for a UNIX socket (set BENCH_DIR shorter)`);
+      rmSync(s, { force: true });
+    }
+    const common = [
+      '--blockdev', `driver=file,node-name=${DISK_NODE},filename=${o.image}`,
+      '--nbd-server', `addr.type=unix,addr.path=${nbdSocket}`,
+      '--export', `type=nbd,id=${EXPORT_NAME},node-name=${DISK_NODE},name=${EXPORT_NAME},writable=on`,
+    ];
+    let cmd: string;
+    let args: string[];
+    if (o.kind === 'shear') {
+      if (!o.shearCli) throw new CopyFailure('Cannot start the Shear daemon: no CLI path given');
+      cmd = process.execPath;
+      args = [o.shearCli, 'daemon', '--qmp', `unix:${qmpSocket}`, ...common, '--log-level', 'warn', ...(o.extraArgs ?? [])];
+    } else {
+      cmd = 'qemu-storage-daemon';
+      args = ['--chardev', `socket,id=qmp0,path=${qmpSocket},server=on,wait=off`, '--monitor', 'chardev=qmp0', ...common, ...(o.extraArgs ?? [])];
+    }
+    const child = spawn(cmd, args, { stdio: ['ignore', 'ignore', 'pipe'] });
+    let stderr = '';
+    child.stderr!.setEncoding('utf8').on('data', (d: string) => { stderr += d; });
+    // 'exit' may not follow a spawn 'error', so either ends the wait.
+    const exited = new Promise<void>((resolve) => { child.once('exit', () => resolve()); child.once('error', () => resolve()); });
+    const failed = new Promise<never>((_, reject) => {
+      child.once('error', (err) => reject(new CopyFailure(`Cannot start the ${o.kind} daemon: ${err.message}`)));
+      child.once('exit', (code, signal) => reject(new CopyFailure(`The ${o.kind} daemon exited during start-up (${code ?? signal}): ${stderr.trim()}`)));
+    });
+    failed.catch(() => {});
+    const shown = [o.kind === 'shear' ? 'node packages/cli/dist/main.js' : cmd, ...args.slice(o.kind === 'shear' ? 1 : 0)].join(' ');
+    try {
+      const qmp = await Promise.race([QmpClient.connect(qmpSocket, 30_000), failed]);
+      return new BlockDaemon(o.kind, qmp, nbdSocket, shown, child, exited, [qmpSocket, nbdSocket], () => stderr);
+    } catch (err) {
+      child.kill('SIGKILL');
+      await exited;
+      for (const s of [qmpSocket, nbdSocket]) rmSync(s, { force: true });
+      throw err instanceof CopyFailure ? err : new CopyFailure(`Cannot start the ${o.kind} daemon: ${(err as Error).message}\n${stderr.trim()}`);
+    }
+  }
+
+  /** The daemon's process id (for attaching tracers). */
+  get pid(): number | undefined {
+    return this.child.pid;
+  }
+
+  /**
+   * CPU seconds (user + system, all threads, live and exited) the daemon has used so far, from
+   * /proc/PID/stat in clock ticks (10 ms on Linux); NaN when it cannot be read.
+   */
+  cpuSeconds(): number {
+    try {
+      const stat = readFileSync(`/proc/${this.child.pid}/stat`, 'utf8');
+      // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
+      const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
+      return (Number(fields[11]) + Number(fields[12])) / CLOCK_TICKS_PER_SEC;
+    } catch {
+      return NaN;
+    }
+  }
+
+  get stderr(): string {
+    return this.stderrText();
+  }
+
+  /** Sends quit and waits for the exit; kills the daemon if it has not gone within 10 s. */
+  async close(): Promise<void> {
+    await this.qmp.execute('quit').catch(() => {});
+    this.qmp.close();
+    const timer = setTimeout(() => this.child.kill('SIGKILL'), 10_000);
+    await this.exited;
+    clearTimeout(timer);
+    for (const s of this.sockets) rmSync(s, { force: true });
+  }
+}
+
+export interface JobResult {
+  /** performance.now() just before blockdev-backup was sent. */
+  startedAt: number;
+  /** performance.now() when BLOCK_JOB_COMPLETED arrived. */
+  endedAt: number;
+  /** The job's len (bytes it had to copy) and offset (bytes it did) from the event. */
+  len: number;
+  offset: number;
+}
+
+/**
+ * Runs blockdev-backup with `args` (job-id "bench0" is set here) and waits for it to complete.
+ * Fails unless the job completes without error and its offset reaches its len.
+ */
+export async function runBackupJob(d: BlockDaemon, args: Record<string, unknown>): Promise<JobResult> {
+  const jobArgs = { 'job-id': 'bench0', ...args };
+  const startedAt = performance.now();
+  try {
+    await d.qmp.execute('blockdev-backup', jobArgs);
+    const done = await d.qmp.waitEvent(['BLOCK_JOB_COMPLETED', 'BLOCK_JOB_CANCELLED'], (e) => e.data['device'] === 'bench0');
+    if (done.event !== 'BLOCK_JOB_COMPLETED' || done.data['error'] !== undefined || done.data['offset'] !== done.data['len']) {
+      throw new CopyFailure(`The ${d.kind} backup job ended badly: ${done.event} ${JSON.stringify(done.data)}`);
+    }
+    return { startedAt, endedAt: done.receivedAt, len: Number(done.data['len']), offset: Number(done.data['offset']) };
+  } catch (err) {
+    if (err instanceof CopyFailure) throw err;
+    throw new CopyFailure(`The ${d.kind} backup job failed: ${(err as Error).message}${d.stderr ? `\n${d.kind} daemon: ${d.stderr.trim()}` : ''}`);
+  }
+}
