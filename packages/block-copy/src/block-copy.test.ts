@@ -318,3 +318,33 @@ t.test('a worker thread that dies in the middle of a task: the range is retried 
   t.equal(bc2.copyBitmap.countBytes(), 4 * MiB, 'every cluster is dirty again');
   t.equal(bc2.inFlightTasks, 0, 'nothing hangs');
 });
+
+t.test('scattered dirty clusters are copied in batches: far fewer worker requests, same bytes', async (t) => {
+  const pool = new CopyWorkerPool({ workers: 2 });
+  t.teardown(() => pool.destroy());
+  let requests = 0;
+  const run = pool.run.bind(pool);
+  pool.run = (task) => {
+    requests++;
+    return run(task);
+  };
+  const e = await fileEndpoints(t, 32 * MiB, 8);
+  const bc = new BlockCopy({ source: e.source, target: e.target, length: 32 * MiB, pool, maxChunkBytes: 4 * MiB });
+  // Every third cluster dirty, as an incremental would have it.
+  let dirty = 0;
+  for (let c = 0; c < 512; c += 3) {
+    bc.copyBitmap.set(c * 64 * KiB, 64 * KiB);
+    dirty++;
+  }
+  await bc.run();
+  const dst = readFileSync(e.dstPath);
+  let wrong = 0;
+  for (let c = 0; c < 512; c++) {
+    const o = c * 64 * KiB;
+    const want = c % 3 === 0 ? e.content.subarray(o, o + 64 * KiB) : Buffer.alloc(64 * KiB);
+    if (!dst.subarray(o, o + 64 * KiB).equals(want)) wrong++;
+  }
+  t.equal(wrong, 0, 'the dirty clusters were copied, the clean ones left alone');
+  t.ok(requests < dirty / 10, `${requests} worker requests for ${dirty} dirty clusters`);
+  t.ok(bc.copyBitmap.isEmpty());
+});

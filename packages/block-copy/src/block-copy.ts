@@ -3,7 +3,7 @@ import { performance } from 'node:perf_hooks';
 import { ShearError, alignDown, alignUp, isPowerOfTwo, MiB } from '@shear/base';
 import { SharedBitmap } from '@shear/bitmap';
 import { RequestTable, type InFlightRequest } from '@shear/reqlist';
-import { executeRange, type CompressTarget, type CopyEndpoint, type RangeOutcome } from './execute-range.js';
+import { executeParts, executeRange, type CompressTarget, type CopyEndpoint, type ExecuteContext, type RangeOutcome } from './execute-range.js';
 import type { CopyWorkerPool } from './pool.js';
 import { RateLimiter } from './rate-limit.js';
 
@@ -85,6 +85,20 @@ interface Task {
   /** Ranges a discard removed while the task held them: never given back. */
   discarded: [number, number][];
   cancelled: boolean;
+  /**
+   * A batch of scattered dirty ranges inside [offset, offset + bytes), copied in one worker
+   * request (incrementals: the per-request cost dominates). Only these were claimed.
+   */
+  parts?: [number, number][];
+}
+
+/** A batch gathers dirty ranges within this span of the disk... */
+const BATCH_SPAN_BYTES = 64 * MiB;
+/** ...and at most this many of them. */
+const BATCH_MAX_PARTS = 128;
+
+function taskBytes(t: Task): number {
+  return t.parts ? t.parts.reduce((n, [, b]) => n + b, 0) : t.bytes;
 }
 
 /**
@@ -209,7 +223,7 @@ export class BlockCopy extends EventEmitter {
   get progress(): CopyProgress {
     const done = this.#copiedBytes + this.#skippedBytes;
     let pending = this.copyBitmap.countBytes();
-    for (const t of this.#allTasks()) pending += t.bytes;
+    for (const t of this.#allTasks()) pending += taskBytes(t);
     return {
       doneBytes: done,
       copiedBytes: this.#copiedBytes,
@@ -334,9 +348,11 @@ export class BlockCopy extends EventEmitter {
 
   // ---- claiming and settling ----
 
-  #claim(offset: number, bytes: number, lane: Lane): Task {
-    this.copyBitmap.reset(offset, bytes);
+  #claim(offset: number, bytes: number, lane: Lane, parts?: [number, number][]): Task {
+    if (parts) for (const [o, b] of parts) this.copyBitmap.reset(o, b);
+    else this.copyBitmap.reset(offset, bytes);
     const task: Task = {
+      ...(parts ? { parts } : {}),
       id: this.#nextId++,
       offset,
       bytes,
@@ -383,7 +399,18 @@ export class BlockCopy extends EventEmitter {
         keep.splice(i, 1, ...([[s, o], [o + b, e]] as [number, number][]).filter(([x, y]) => y > x));
       }
     }
-    for (const [s, e] of keep) this.copyBitmap.set(s, e - s);
+    for (const [s, e] of keep) {
+      if (!t.parts) {
+        this.copyBitmap.set(s, e - s);
+        continue;
+      }
+      // A batch gives back only what it claimed, not the clean gaps between its parts.
+      for (const [o, b] of t.parts) {
+        const from = Math.max(s, o);
+        const to = Math.min(e, o + b);
+        if (to > from) this.copyBitmap.set(from, to - from);
+      }
+    }
   }
 
   #settle(t: Task, outcome: RangeOutcome, discarded = false): void {
@@ -396,11 +423,16 @@ export class BlockCopy extends EventEmitter {
     this.#skippedBytes += outcome.skippedBytes;
     this.#noteRate(outcome.copiedBytes + outcome.skippedBytes);
     // Which clusters now hold their data on the target (copy-before-write reads them there).
-    const doneBytes = outcome.ok ? t.bytes : alignDown(outcome.doneBytes, this.clusterBytes);
-    if (doneBytes > 0 && !discarded) this.emit('range-done', t.offset, doneBytes);
+    if (outcome.ok && t.parts && !discarded) {
+      for (const [o, b] of t.parts) this.emit('range-done', o, b);
+    } else {
+      const doneBytes = outcome.ok ? t.bytes : alignDown(outcome.doneBytes, this.clusterBytes);
+      if (doneBytes > 0 && !discarded) this.emit('range-done', t.offset, doneBytes);
+    }
     if (!outcome.ok && !discarded) {
-      // Clusters wholly before doneBytes are in place; the rest go back (or are retried).
-      const doneEnd = t.offset + alignDown(outcome.doneBytes, this.clusterBytes);
+      // Clusters wholly before doneBytes are in place; the rest go back (or are retried). A
+      // batch reports nothing done on failure: it is given back or retried whole.
+      const doneEnd = t.parts ? t.offset : t.offset + alignDown(outcome.doneBytes, this.clusterBytes);
       // Only I/O errors are worth retrying (a flaky disk, a worker that died); a full disk or a
       // refused request fails the same way again.
       const retry = outcome.error.kind === 'io' && !t.cancelled && t.attempts < this.#opts.retryAttempts && !this.#failure;
@@ -455,7 +487,7 @@ export class BlockCopy extends EventEmitter {
   }
 
   #nextTask(now: number): Task | undefined {
-    const budgetOk = (t: Task) => this.#running.size === 0 || this.#inFlightBytes + t.bytes <= this.#maxInFlightBytes;
+    const budgetOk = (t: Task) => this.#running.size === 0 || this.#inFlightBytes + taskBytes(t) <= this.#maxInFlightBytes;
     const cbw = this.#lanes.cbw[0];
     if (cbw) return budgetOk(cbw) ? this.#lanes.cbw.shift() : undefined;
     if (this.#paused) return undefined;
@@ -466,11 +498,14 @@ export class BlockCopy extends EventEmitter {
     let candidate: Task | undefined = retry ?? this.#lanes.background[0];
     if (!candidate && this.#background && !this.#failure) {
       const area = this.#nextBackgroundArea();
-      if (area) candidate = this.#claim(area.offset, area.bytes, 'background');
+      if (area) {
+        const parts = this.#gatherBatch(area);
+        candidate = parts ? this.#claim(parts[0]![0], parts.at(-1)![0] + parts.at(-1)![1] - parts[0]![0], 'background', parts) : this.#claim(area.offset, area.bytes, 'background');
+      }
     }
     if (!candidate) return undefined;
     if (!budgetOk(candidate)) return undefined;
-    const delay = this.#rate.take(candidate.bytes, now);
+    const delay = this.#rate.take(taskBytes(candidate), now);
     if (delay > 0) {
       this.#wakeIn(delay);
       return undefined;
@@ -492,15 +527,37 @@ export class BlockCopy extends EventEmitter {
     return area;
   }
 
+  /**
+   * Extends a small dirty area with the next ones nearby into one batch, when worker threads
+   * move the data (the batch becomes one worker request). Returns undefined for a single area.
+   */
+  #gatherBatch(first: { offset: number; bytes: number }): [number, number][] | undefined {
+    if (!this.#pool || this.#compress || !this.#source.mapping?.mapRead || !this.#target.mapping?.mapWrite) return undefined;
+    if (first.bytes >= this.maxChunkBytes) return undefined;
+    const parts: [number, number][] = [[first.offset, first.bytes]];
+    let total = first.bytes;
+    const limit = Math.min(this.length, first.offset + BATCH_SPAN_BYTES);
+    let at = first.offset + first.bytes;
+    while (total < this.maxChunkBytes && parts.length < BATCH_MAX_PARTS && at < limit) {
+      const next = this.copyBitmap.nextDirtyArea(at, limit, this.maxChunkBytes - total);
+      if (!next) break;
+      parts.push([next.offset, next.bytes]);
+      total += next.bytes;
+      at = next.offset + next.bytes;
+    }
+    if (parts.length === 1) return undefined;
+    this.#scanAt = Math.max(this.#scanAt, at);
+    return parts;
+  }
+
   #start(t: Task): void {
     t.state = 'running';
     t.cancelIndex = this.#freeCancel.pop()!;
     Atomics.store(this.#cancelWords, t.cancelIndex, t.cancelled ? 1 : 0);
     this.#running.add(t);
-    this.#inFlightBytes += t.bytes;
-    const bytes = t.bytes;
-    executeRange(
-      {
+    const bytes = taskBytes(t);
+    this.#inFlightBytes += bytes;
+    const ctx: ExecuteContext = {
         source: this.#source,
         target: this.#target,
         pool: this.#pool,
@@ -515,14 +572,21 @@ export class BlockCopy extends EventEmitter {
         cancelIndex: t.cancelIndex,
         compress: this.#compress,
         faultExitAfterBytes: this.#faultsLeft-- > 0 ? this.#faultAfterBytes : undefined,
-      },
-      t.offset,
-      t.bytes,
-    ).then((outcome) => {
-      this.#running.delete(t);
-      this.#inFlightBytes -= bytes;
-      this.#settle(t, outcome, t.cancelled && t.discarded.length > 0);
-    });
+      };
+    (t.parts ? executeParts(ctx, t.parts) : executeRange(ctx, t.offset, t.bytes))
+      // Executors report failures as outcomes; a throw is a bug, settled as one so nothing hangs.
+      .catch((err: unknown): RangeOutcome => ({
+        ok: false,
+        error: new ShearError('ERR_INTERNAL', `Cannot copy (${t.offset}, ${t.bytes}): ${(err as Error)?.stack ?? String(err)}`, { offset: t.offset, bytes: t.bytes }, { cause: err }),
+        doneBytes: 0,
+        copiedBytes: 0,
+        skippedBytes: 0,
+      }))
+      .then((outcome) => {
+        this.#running.delete(t);
+        this.#inFlightBytes -= bytes;
+        this.#settle(t, outcome, t.cancelled && t.discarded.length > 0);
+      });
   }
 
   #wakeIn(ms: number): void {

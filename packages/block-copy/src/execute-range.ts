@@ -1,7 +1,7 @@
 import { promisify } from 'node:util';
 import { deflateRaw } from 'node:zlib';
 import { ShearError, fromWire } from '@shear/base';
-import type { BlockIO, BlockStatusExtent, HostExtent, HostMappable } from '@shear/block';
+import type { BlockIO, BlockStatusExtent, HostExtent, HostMappable, WriteMapping } from '@shear/block';
 import type { CopyWorkerPool } from './pool.js';
 import type { CopyTaskMessage } from './protocol.js';
 
@@ -257,4 +257,107 @@ async function copyCompressed(ctx: ExecuteContext, compress: CompressTarget, off
     done = c.offset + compress.clusterBytes - offset;
   }
   return { ok: true };
+}
+
+/**
+ * Copies a batch of scattered ranges (an incremental's dirty clusters) with one block-status
+ * pass over their span and one worker request for all their data: the per-request cost, which
+ * dominates scattered copies, is paid once per batch. Ranges are whole clusters. On failure
+ * nothing of the batch counts as done (it is given back or retried whole).
+ */
+export async function executeParts(ctx: ExecuteContext, parts: [number, number][]): Promise<RangeOutcome> {
+  const start = parts[0]![0];
+  const end = parts.at(-1)![0] + parts.at(-1)![1];
+  let copiedBytes = 0;
+  let skippedBytes = 0;
+  const fail = (error: ShearError): RangeOutcome => ({ ok: false, error, doneBytes: 0, copiedBytes: 0, skippedBytes: 0 });
+  let runs: Run[];
+  try {
+    runs = await planRuns(ctx, start, end - start);
+  } catch (err) {
+    return fail(err as ShearError);
+  }
+  // A part with any data is copied whole: parts are whole clusters, so every write mapping
+  // covers whole clusters and no two mappings share one (a format locks a mapped cluster until
+  // it is committed). Parts without data are zeroed or skipped run by run.
+  const data: [number, number][] = [];
+  let r = 0;
+  for (const [o, b] of parts) {
+    while (runs[r]!.offset + runs[r]!.bytes <= o) r++;
+    const covering: Run[] = [];
+    for (let i = r; i < runs.length && runs[i]!.offset < o + b; i++) covering.push(runs[i]!);
+    if (covering.some((run) => run.action === 'data')) {
+      const last = data.at(-1);
+      if (last && last[0] + last[1] === o) last[1] += b;
+      else data.push([o, b]);
+      continue;
+    }
+    for (const run of covering) {
+      const from = Math.max(o, run.offset);
+      const to = Math.min(o + b, run.offset + run.bytes);
+      if (run.action === 'zero') {
+        try {
+          await writeZeroes(ctx.target.io, from, to - from);
+        } catch (err) {
+          return fail(err as ShearError);
+        }
+      }
+      skippedBytes += to - from;
+    }
+  }
+  if (data.length === 0) return { ok: true, copiedBytes, skippedBytes };
+  const src: HostExtent[] = [];
+  const dst: HostExtent[] = [];
+  const mappings: WriteMapping[] = [];
+  const abortAll = async () => {
+    for (const m of mappings) await m.abort().catch(() => {});
+  };
+  try {
+    for (const [o, b] of data) {
+      src.push(...(await ctx.source.mapping!.mapRead!(o, b)));
+      const m = await ctx.target.mapping!.mapWrite!(o, b);
+      mappings.push(m);
+      dst.push(...m.extents);
+    }
+  } catch (err) {
+    await abortAll();
+    // Some ranges cannot be mapped (qcow2 compressed clusters): copy the batch part by part.
+    if ((err as ShearError).code === 'ERR_NOT_IMPLEMENTED') return copyPartsOneByOne(ctx, parts);
+    return fail(err instanceof ShearError ? err : readError(err, start, end - start, 'map'));
+  }
+  const total = data.reduce((n, [, b]) => n + b, 0);
+  const result = await ctx.pool!.run({
+    offset: data[0]![0],
+    bytes: total,
+    src,
+    dst,
+    chunkBytes: ctx.chunkBytes,
+    dropCache: ctx.dropCache,
+    cancel: ctx.cancel.buffer as SharedArrayBuffer,
+    cancelIndex: ctx.cancelIndex,
+    ...(ctx.faultExitAfterBytes !== undefined ? { faultExitAfterBytes: ctx.faultExitAfterBytes } : {}),
+  });
+  if (!result.ok) {
+    await abortAll();
+    return fail(fromWire(result.error));
+  }
+  try {
+    for (const m of mappings) await m.commit();
+  } catch (err) {
+    return fail(writeError(err, start, end - start));
+  }
+  copiedBytes += total;
+  return { ok: true, copiedBytes, skippedBytes };
+}
+
+async function copyPartsOneByOne(ctx: ExecuteContext, parts: [number, number][]): Promise<RangeOutcome> {
+  let copiedBytes = 0;
+  let skippedBytes = 0;
+  for (const [o, b] of parts) {
+    const r = await executeRange(ctx, o, b);
+    copiedBytes += r.copiedBytes;
+    skippedBytes += r.skippedBytes;
+    if (!r.ok) return { ok: false, error: r.error, doneBytes: 0, copiedBytes, skippedBytes };
+  }
+  return { ok: true, copiedBytes, skippedBytes };
 }

@@ -6,8 +6,15 @@ import type { CopyTaskMessage, CopyTaskResult } from './protocol.js';
 /** The worker entry sits beside this file: .ts when running from source (tests), .js when built. */
 const WORKER_FILE = new URL(`./worker/copy-worker.${import.meta.url.endsWith('.ts') ? 'ts' : 'js'}`, import.meta.url).href;
 
+/**
+ * Workers do blocking I/O, so more threads than cores keep more requests in flight: on a cold
+ * cache scattered reads are latency-bound (the incremental benchmark: 2 threads 195 MiB/s,
+ * 8 threads 521 MiB/s on 2 cores), while streaming copies are indifferent to the count.
+ */
+export const MIN_DEFAULT_WORKERS = 4;
+
 export function defaultWorkerCount(): number {
-  return Math.max(1, os.availableParallelism());
+  return Math.max(MIN_DEFAULT_WORKERS, os.availableParallelism());
 }
 
 export interface CopyWorkerPoolOptions {

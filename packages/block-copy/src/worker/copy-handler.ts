@@ -20,6 +20,9 @@ function bufferOf(bytes: number): Buffer {
   return buffer;
 }
 
+/** Pieces smaller than this are not paced (see writePiece). */
+const PACE_MIN_BYTES = 256 * 1024;
+
 /** The last piece this thread wrote per fd, flushed and dropped when the next one is written. */
 const lastWritten = new Map<number, { offset: number; bytes: number }>();
 
@@ -123,7 +126,9 @@ function writePiece(task: CopyTaskMessage, at: number, buf: Buffer, native: Nati
         throw ioFailure('ERR_COPY_WRITE_FAILED', task, at + pos + put, n - put, 'write', err);
       }
     }
-    if (task.dropCache) paceWriteback(e.fd, hostOffset, n, native);
+    // Streaming writes are paced; small scattered ones (incrementals) are left to the kernel and
+    // the final flush, where waiting for each piece's writeback would only add latency.
+    if (task.dropCache && n >= PACE_MIN_BYTES) paceWriteback(e.fd, hostOffset, n, native);
   });
 }
 
