@@ -10,16 +10,17 @@
 // BENCH_CACHE cold|warm|both (both), BENCH_DIR (bench/.work), BENCH_WORKLOADS (full,sparse,mixed),
 // BENCH_ONLY (regex on case ids, e.g. 'shear|qemu-img'). --free deletes the images at the end.
 // Quick check: BENCH_IMAGE_GIB=0.25 BENCH_RUNS=1 BENCH_CACHE=warm npm run bench -- copy
-import { existsSync, mkdirSync, readFileSync, readdirSync, rmSync, truncateSync, writeFileSync } from 'node:fs';
+import { mkdirSync, readdirSync, rmSync, truncateSync, writeFileSync } from 'node:fs';
 import { execFileSync } from 'node:child_process';
 import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
+import { benchStart, type Cache } from './lib/bench-start.js';
 import { machineFacts, printMachineFacts } from './lib/machine.js';
 import { median } from './lib/measure.js';
 import { printTable, writeResults, type Row } from './lib/report.js';
 import { allocatedBytes, bytesToGenerate, ensureImage, freeDiskBytes, freeImages, type ImageInfo, type ImageKind } from './lib/images.js';
-import { CopyFailure, cachedPercent, canDropCaches, dropCaches, fsyncFile, qsdBackup, runCommand, syncAll, timedCommand, verifyCopy, warmFile, type Timed, type Verdict } from './lib/copy-runner.js';
+import { CopyFailure, cachedPercent, dropCaches, fsyncFile, qsdBackup, runCommand, syncAll, timedCommand, verifyCopy, warmFile, type Timed, type Verdict } from './lib/copy-runner.js';
 import { renderChart, type BarPanel, type LineChart, type Stat } from './lib/svg-chart.js';
 
 const GiB = 2 ** 30;
@@ -44,7 +45,6 @@ const WORKLOADS = (process.env['BENCH_WORKLOADS'] ?? 'full,sparse,mixed').split(
 const ONLY = process.env['BENCH_ONLY'] ? new RegExp(process.env['BENCH_ONLY']) : undefined;
 const FREE = process.argv.includes('--free');
 
-type Cache = 'cold' | 'warm';
 type Format = 'raw' | 'qcow2';
 
 /** Rounds to whole MiB so every image is a multiple of 64 KiB. */
@@ -234,36 +234,14 @@ const gib = (b: number) => `${(b / GiB).toFixed(2)} GiB`;
 const fmt = (v: number | undefined) => (v === undefined || !Number.isFinite(v) ? '-' : v >= 100 ? v.toFixed(0) : v.toFixed(2));
 
 async function main(): Promise<number> {
-  const chartArg = process.argv.indexOf('--chart');
-  if (chartArg >= 0) {
-    const json = process.argv[chartArg + 1];
-    if (!json?.endsWith('.json')) {
-      console.error('copy bench: --chart needs a results file (bench/results/copy-*.json)');
-      return 2;
-    }
-    const svgFile = json.replace(/\.json$/, '.svg');
-    writeFileSync(svgFile, chart(JSON.parse(readFileSync(json, 'utf8')) as ChartInput));
-    console.log(`chart: ${svgFile}`);
-    return 0;
-  }
-  if (!existsSync(CLI)) {
-    console.error(`copy bench: ${CLI} is missing; build first (cd /work/main && npx tsc -b)`);
-    return 2;
-  }
-  const caches: Cache[] = CACHE_ENV === 'both' ? ['cold', 'warm'] : CACHE_ENV === 'cold' || CACHE_ENV === 'warm' ? [CACHE_ENV] : [];
-  if (caches.length === 0) {
-    console.error(`copy bench: invalid BENCH_CACHE "${CACHE_ENV}": expected cold, warm or both`);
-    return 2;
-  }
+  const begin = benchStart<ChartInput>('copy', { cli: CLI, cacheEnv: CACHE_ENV, chart });
+  if ('exit' in begin) return begin.exit;
+  const { caches } = begin;
   for (const w of WORKLOADS) {
     if (!['full', 'sparse', 'mixed'].includes(w)) {
       console.error(`copy bench: invalid BENCH_WORKLOADS entry "${w}": expected full, sparse or mixed`);
       return 2;
     }
-  }
-  if (caches.includes('cold') && !canDropCaches()) {
-    console.error('copy bench: cannot drop the page cache (writing /proc/sys/vm/drop_caches needs root); run as root or with BENCH_CACHE=warm');
-    return 2;
   }
   mkdirSync(WORK_DIR, { recursive: true });
   cleanTargets(WORK_DIR);

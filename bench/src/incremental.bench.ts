@@ -28,11 +28,12 @@ import os from 'node:os';
 import path from 'node:path';
 import { performance } from 'node:perf_hooks';
 import { fileURLToPath } from 'node:url';
+import { benchStart, type Cache } from './lib/bench-start.js';
 import { machineFacts, printMachineFacts } from './lib/machine.js';
 import { median } from './lib/measure.js';
 import { printTable, writeResults, type Row } from './lib/report.js';
 import { allocatedBytes, ensureImage, freeDiskBytes, freeImages, type ImageInfo } from './lib/images.js';
-import { CopyFailure, cachedPercent, canDropCaches, dropCaches, fsyncFile, syncAll, verifyCopy, warmFile, type Verdict } from './lib/copy-runner.js';
+import { CopyFailure, cachedPercent, dropCaches, fsyncFile, syncAll, verifyCopy, warmFile, type Verdict } from './lib/copy-runner.js';
 import { BlockDaemon, DISK_NODE, EXPORT_NAME, runBackupJob, type DaemonKind } from './lib/incr-block-daemon.js';
 import { bitmapSha256, checkIncrementalTarget, chooseDirtyClusters, dirtyExtents } from './lib/incr-dirty-set.js';
 import { PYTHON, haveLibnbdPython, writeClustersOverNbd } from './lib/incr-nbd-fill.js';
@@ -62,7 +63,6 @@ const WORK_DIR = path.resolve(process.env['BENCH_DIR'] ?? path.resolve(here, '..
 const ONLY = process.env['BENCH_ONLY'] ? new RegExp(process.env['BENCH_ONLY']) : undefined;
 const FREE = process.argv.includes('--free');
 
-type Cache = 'cold' | 'warm';
 type Mode = 'incremental' | 'full';
 
 interface Case {
@@ -335,31 +335,9 @@ const gib = (b: number) => `${(b / GiB).toFixed(2)} GiB`;
 const fmt = (v: number | undefined) => (v === undefined || !Number.isFinite(v) ? '-' : v >= 100 ? v.toFixed(0) : v >= 1 ? v.toFixed(2) : v.toFixed(3));
 
 async function main(): Promise<number> {
-  const chartArg = process.argv.indexOf('--chart');
-  if (chartArg >= 0) {
-    const json = process.argv[chartArg + 1];
-    if (!json?.endsWith('.json')) {
-      console.error('incremental bench: --chart needs a results file (bench/results/incremental-*.json)');
-      return 2;
-    }
-    const svgFile = json.replace(/\.json$/, '.svg');
-    writeFileSync(svgFile, chart(JSON.parse(readFileSync(json, 'utf8')) as ChartInput));
-    console.log(`chart: ${svgFile}`);
-    return 0;
-  }
-  if (!existsSync(CLI)) {
-    console.error(`incremental bench: ${CLI} is missing; build first (cd /work/main && npx tsc -b)`);
-    return 2;
-  }
-  const caches: Cache[] = CACHE_ENV === 'both' ? ['cold', 'warm'] : CACHE_ENV === 'cold' || CACHE_ENV === 'warm' ? [CACHE_ENV] : [];
-  if (caches.length === 0) {
-    console.error(`incremental bench: invalid BENCH_CACHE "${CACHE_ENV}": expected cold, warm or both`);
-    return 2;
-  }
-  if (caches.includes('cold') && !canDropCaches()) {
-    console.error('incremental bench: cannot drop the page cache (writing /proc/sys/vm/drop_caches needs root); run as root or with BENCH_CACHE=warm');
-    return 2;
-  }
+  const begin = benchStart<ChartInput>('incremental', { cli: CLI, cacheEnv: CACHE_ENV, chart });
+  if ('exit' in begin) return begin.exit;
+  const { caches } = begin;
   if (!(await haveLibnbdPython())) {
     console.error(`incremental bench: ${PYTHON} cannot import nbd (apt-get install python3-libnbd): it fills the bitmaps through the daemons' NBD exports`);
     return 2;

@@ -28,11 +28,12 @@ import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { performance } from 'node:perf_hooks';
+import { benchStart, type Cache } from './lib/bench-start.js';
 import { machineFacts, printMachineFacts } from './lib/machine.js';
 import { median } from './lib/measure.js';
 import { printTable, writeResults, type Row } from './lib/report.js';
 import { allocatedBytes, ensureImage, freeDiskBytes, type ImageInfo } from './lib/images.js';
-import { CopyFailure, cachedPercent, canDropCaches, commandLine, dropCaches, fsyncFile, runCommand, syncAll, verifyCopy, warmFile, type Verdict } from './lib/copy-runner.js';
+import { CopyFailure, cachedPercent, commandLine, dropCaches, fsyncFile, runCommand, syncAll, verifyCopy, warmFile, type Verdict } from './lib/copy-runner.js';
 import { NbdBenchDaemon, type DaemonKind } from './lib/nbd-bench-daemon.js';
 import { NbdkitTarget } from './lib/nbdkit-target.js';
 import { NbdWriter, PYTHON, writerOffsets, type WriterStats } from './lib/nbd-latency-writer.js';
@@ -59,7 +60,6 @@ function envList<T extends string>(name: string, fallback: T[], allowed: readonl
   return items as T[];
 }
 
-type Cache = 'cold' | 'warm';
 type Part = 'pull' | 'push' | 'latency';
 const PARTS = ['pull', 'push', 'latency'] as const;
 
@@ -591,31 +591,9 @@ function pristineImage(bytes: number, log: (s: string) => void): ImageInfo {
 }
 
 async function main(): Promise<number> {
-  const chartArg = process.argv.indexOf('--chart');
-  if (chartArg >= 0) {
-    const json = process.argv[chartArg + 1];
-    if (!json?.endsWith('.json')) {
-      console.error('nbd bench: --chart needs a results file (bench/results/nbd-*.json)');
-      return 2;
-    }
-    const svgFile = json.replace(/\.json$/, '.svg');
-    writeFileSync(svgFile, chart(JSON.parse(readFileSync(json, 'utf8')) as ChartInput));
-    console.log(`chart: ${svgFile}`);
-    return 0;
-  }
-  if (!existsSync(CLI)) {
-    console.error(`nbd bench: ${CLI} is missing; build first (cd /work/main && npx tsc -b)`);
-    return 2;
-  }
-  const caches: Cache[] = CACHE_ENV === 'both' ? ['cold', 'warm'] : CACHE_ENV === 'cold' || CACHE_ENV === 'warm' ? [CACHE_ENV] : [];
-  if (caches.length === 0) {
-    console.error(`nbd bench: invalid BENCH_CACHE "${CACHE_ENV}": expected cold, warm or both`);
-    return 2;
-  }
-  if (caches.includes('cold') && !canDropCaches()) {
-    console.error('nbd bench: cannot drop the page cache (needs root); run as root or with BENCH_CACHE=warm');
-    return 2;
-  }
+  const begin = benchStart<ChartInput>('nbd', { cli: CLI, cacheEnv: CACHE_ENV, chart });
+  if ('exit' in begin) return begin.exit;
+  const { caches } = begin;
   const needTools = ['nbdcopy', 'qemu-storage-daemon', 'cmp', ...(PARTS_ON.includes('push') ? ['nbdkit'] : [])];
   for (const t of needTools) {
     if (toolVersion('sh', ['-c', `command -v ${t}`]) === 'not found') {
