@@ -407,7 +407,7 @@ async function main(): Promise<number> {
   if (ONLY) plan = plan.filter((c) => ONLY.test(c.id));
   console.log(`work dir ${WORK_DIR}; runs ${RUNS}; cache ${caches.join('+')}; ${plan.length} cases`);
   console.log('MiB/s = 2^20 bytes/s of the dirty bytes (incremental) or the image size (full); durable = blockdev-backup -> BLOCK_JOB_COMPLETED (or the loop) + fsync(target)');
-  console.log('Shear x-perf max-workers = copy tasks in flight (default 2 x worker threads); --workers = worker threads (default: parallelism)\n');
+  console.log('Shear x-perf max-workers = copy tasks in flight (default 2 x worker threads); --workers = worker threads (default: parallelism, at least 4)\n');
   const total = plan.length * caches.length * RUNS;
   const measurements: Measurement[] = [];
   const started = Date.now();

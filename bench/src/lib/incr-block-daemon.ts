@@ -2,14 +2,13 @@
 // started the same way: one file node "disk0" on an image, a QMP socket, and a writable NBD
 // export "live" of disk0 on a UNIX socket (for filling a dirty bitmap through the daemon).
 // Plus one backup job run to completion and timed by its QMP events.
-import { spawn, type ChildProcess } from 'node:child_process';
-import { readFileSync, rmSync } from 'node:fs';
-import path from 'node:path';
+import { readFileSync } from 'node:fs';
 import { performance } from 'node:perf_hooks';
 import { CopyFailure } from './copy-runner.js';
-import { QmpClient } from './qmp-client.js';
+import { DaemonProcess, type DaemonKind } from './daemon-process.js';
+import type { QmpClient } from './qmp-client.js';
 
-export type DaemonKind = 'shear' | 'qemu';
+export type { DaemonKind };
 
 export interface DaemonOptions {
   kind: DaemonKind;
@@ -30,65 +29,30 @@ export const EXPORT_NAME = 'live';
 
 /** One running daemon; close() stops it on every path (quit, then SIGKILL after a grace time). */
 export class BlockDaemon {
-  private constructor(
-    readonly kind: DaemonKind,
-    readonly qmp: QmpClient,
-    readonly nbdSocket: string,
-    readonly command: string,
-    private readonly child: ChildProcess,
-    private readonly exited: Promise<void>,
-    private readonly sockets: string[],
-    private readonly stderrText: () => string,
-  ) {}
+  private constructor(private readonly proc: DaemonProcess) {}
 
   static async start(o: DaemonOptions): Promise<BlockDaemon> {
-    const qmpSocket = path.join(o.workDir, `${o.kind}-qmp.sock`);
-    const nbdSocket = path.join(o.workDir, `${o.kind}-nbd.sock`);
-    for (const s of [qmpSocket, nbdSocket]) {
-      if (Buffer.byteLength(s) > 107) throw new CopyFailure(`Cannot start the ${o.kind} daemon: socket path "${s}" is too long for a UNIX socket (set BENCH_DIR shorter)`);
-      rmSync(s, { force: true });
-    }
-    const common = [
-      '--blockdev', `driver=file,node-name=${DISK_NODE},filename=${o.image}`,
-      '--nbd-server', `addr.type=unix,addr.path=${nbdSocket}`,
-      '--export', `type=nbd,id=${EXPORT_NAME},node-name=${DISK_NODE},name=${EXPORT_NAME},writable=on`,
-    ];
-    let cmd: string;
-    let args: string[];
-    if (o.kind === 'shear') {
-      if (!o.shearCli) throw new CopyFailure('Cannot start the Shear daemon: no CLI path given');
-      cmd = process.execPath;
-      args = [o.shearCli, 'daemon', '--qmp', `unix:${qmpSocket}`, ...common, '--log-level', 'warn', ...(o.extraArgs ?? [])];
-    } else {
-      cmd = 'qemu-storage-daemon';
-      args = ['--chardev', `socket,id=qmp0,path=${qmpSocket},server=on,wait=off`, '--monitor', 'chardev=qmp0', ...common, ...(o.extraArgs ?? [])];
-    }
-    const child = spawn(cmd, args, { stdio: ['ignore', 'ignore', 'pipe'] });
-    let stderr = '';
-    child.stderr!.setEncoding('utf8').on('data', (d: string) => { stderr += d; });
-    // 'exit' may not follow a spawn 'error', so either ends the wait.
-    const exited = new Promise<void>((resolve) => { child.once('exit', () => resolve()); child.once('error', () => resolve()); });
-    const failed = new Promise<never>((_, reject) => {
-      child.once('error', (err) => reject(new CopyFailure(`Cannot start the ${o.kind} daemon: ${err.message}`)));
-      child.once('exit', (code, signal) => reject(new CopyFailure(`The ${o.kind} daemon exited during start-up (${code ?? signal}): ${stderr.trim()}`)));
+    const proc = await DaemonProcess.launch({
+      kind: o.kind,
+      socketDir: o.workDir,
+      shearCli: o.shearCli,
+      args: (nbdSocket) => [
+        '--blockdev', `driver=file,node-name=${DISK_NODE},filename=${o.image}`,
+        '--nbd-server', `addr.type=unix,addr.path=${nbdSocket}`,
+        '--export', `type=nbd,id=${EXPORT_NAME},node-name=${DISK_NODE},name=${EXPORT_NAME},writable=on`,
+        ...(o.extraArgs ?? []),
+      ],
     });
-    failed.catch(() => {});
-    const shown = [o.kind === 'shear' ? 'node packages/cli/dist/main.js' : cmd, ...args.slice(o.kind === 'shear' ? 1 : 0)].join(' ');
-    try {
-      const qmp = await Promise.race([QmpClient.connect(qmpSocket, 30_000), failed]);
-      return new BlockDaemon(o.kind, qmp, nbdSocket, shown, child, exited, [qmpSocket, nbdSocket], () => stderr);
-    } catch (err) {
-      child.kill('SIGKILL');
-      await exited;
-      for (const s of [qmpSocket, nbdSocket]) rmSync(s, { force: true });
-      throw err instanceof CopyFailure ? err : new CopyFailure(`Cannot start the ${o.kind} daemon: ${(err as Error).message}\n${stderr.trim()}`);
-    }
+    return new BlockDaemon(proc);
   }
 
+  get kind(): DaemonKind { return this.proc.kind; }
+  get qmp(): QmpClient { return this.proc.qmp; }
+  get nbdSocket(): string { return this.proc.nbdSocket; }
+  get command(): string { return this.proc.command; }
+  get stderr(): string { return this.proc.stderr; }
   /** The daemon's process id (for attaching tracers). */
-  get pid(): number | undefined {
-    return this.child.pid;
-  }
+  get pid(): number | undefined { return this.proc.pid; }
 
   /**
    * CPU seconds (user + system, all threads, live and exited) the daemon has used so far, from
@@ -96,7 +60,7 @@ export class BlockDaemon {
    */
   cpuSeconds(): number {
     try {
-      const stat = readFileSync(`/proc/${this.child.pid}/stat`, 'utf8');
+      const stat = readFileSync(`/proc/${this.proc.pid}/stat`, 'utf8');
       // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
       const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
       return (Number(fields[11]) + Number(fields[12])) / CLOCK_TICKS_PER_SEC;
@@ -105,18 +69,9 @@ export class BlockDaemon {
     }
   }
 
-  get stderr(): string {
-    return this.stderrText();
-  }
-
   /** Sends quit and waits for the exit; kills the daemon if it has not gone within 10 s. */
   async close(): Promise<void> {
-    await this.qmp.execute('quit').catch(() => {});
-    this.qmp.close();
-    const timer = setTimeout(() => this.child.kill('SIGKILL'), 10_000);
-    await this.exited;
-    clearTimeout(timer);
-    for (const s of this.sockets) rmSync(s, { force: true });
+    await this.proc.close(10_000);
   }
 }
 

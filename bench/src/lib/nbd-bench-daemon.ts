@@ -8,14 +8,12 @@
 //   QEMU 7.2: fleecing = blockdev-add copy-before-write {file: disk0, target: tmp} and
 //          snapshot-access on it; the live export goes on the filter node (a blockdev-add'ed
 //          filter takes over no parents, and it refuses other writers of disk0).
-import { spawn, type ChildProcess } from 'node:child_process';
-import { rmSync } from 'node:fs';
-import path from 'node:path';
 import { performance } from 'node:perf_hooks';
 import { CopyFailure } from './copy-runner.js';
-import { QmpClient } from './qmp-client.js';
+import { DaemonProcess, type DaemonKind } from './daemon-process.js';
+import type { QmpClient } from './qmp-client.js';
 
-export type DaemonKind = 'shear' | 'qemu';
+export type { DaemonKind };
 
 export interface NbdBenchDaemonOptions {
   kind: DaemonKind;
@@ -40,61 +38,30 @@ export class NbdBenchDaemon {
   readonly log: string[] = [];
   private liveExported: boolean;
 
-  private constructor(
-    readonly kind: DaemonKind,
-    readonly qmp: QmpClient,
-    readonly nbdSocket: string,
-    readonly command: string,
-    private readonly child: ChildProcess,
-    private readonly exited: Promise<void>,
-    private readonly sockets: string[],
-    private readonly stderrText: () => string,
-  ) {
-    this.liveExported = kind === 'shear';
+  private constructor(private readonly proc: DaemonProcess) {
+    this.liveExported = proc.kind === 'shear';
   }
 
   static async start(o: NbdBenchDaemonOptions): Promise<NbdBenchDaemon> {
-    const qmpSocket = path.join(o.socketDir, `${o.kind}-qmp.sock`);
-    const nbdSocket = path.join(o.socketDir, `${o.kind}-nbd.sock`);
-    for (const s of [qmpSocket, nbdSocket]) {
-      if (Buffer.byteLength(s) > 107) throw new CopyFailure(`Cannot start the ${o.kind} daemon: socket path "${s}" is too long for a UNIX socket`);
-      rmSync(s, { force: true });
-    }
-    const disk = ['--blockdev', `driver=file,node-name=disk0,filename=${o.image}`, '--nbd-server', `addr.type=unix,addr.path=${nbdSocket}`];
-    let cmd: string;
-    let args: string[];
-    if (o.kind === 'shear') {
-      cmd = process.execPath;
-      args = [o.shearCli, 'daemon', '--qmp', `unix:${qmpSocket}`, ...disk, '--export', 'type=nbd,id=live,node-name=disk0,name=live,writable=on', '--log-level', 'warn'];
-    } else {
-      cmd = 'qemu-storage-daemon';
-      args = ['--chardev', `socket,id=qmp0,path=${qmpSocket},server=on,wait=off`, '--monitor', 'chardev=qmp0', ...disk];
-    }
-    const child = spawn(cmd, args, { stdio: ['ignore', 'ignore', 'pipe'] });
-    let stderr = '';
-    child.stderr!.setEncoding('utf8').on('data', (d: string) => { stderr += d; });
-    // 'exit' may not follow a spawn 'error', so either ends the wait.
-    const exited = new Promise<void>((resolve) => { child.once('exit', () => resolve()); child.once('error', () => resolve()); });
-    const failed = new Promise<never>((_, reject) => {
-      child.once('error', (err) => reject(new CopyFailure(`Cannot start the ${o.kind} daemon: ${err.message}`)));
-      child.once('exit', (code, signal) => reject(new CopyFailure(`The ${o.kind} daemon exited during start-up (${code ?? signal}): ${stderr.trim()}`)));
+    const proc = await DaemonProcess.launch({
+      kind: o.kind,
+      socketDir: o.socketDir,
+      shearCli: o.shearCli,
+      args: (nbdSocket) => [
+        '--blockdev', `driver=file,node-name=disk0,filename=${o.image}`,
+        '--nbd-server', `addr.type=unix,addr.path=${nbdSocket}`,
+        // QEMU's live export waits: its fleecing filter must take disk0 first (see startFleecing).
+        ...(o.kind === 'shear' ? ['--export', 'type=nbd,id=live,node-name=disk0,name=live,writable=on'] : []),
+      ],
     });
-    failed.catch(() => {});
-    const shown = o.kind === 'shear' ? ['node', 'packages/cli/dist/main.js', ...args.slice(1)].join(' ') : [cmd, ...args].join(' ');
-    try {
-      const qmp = await Promise.race([QmpClient.connect(qmpSocket, 30_000), failed]);
-      return new NbdBenchDaemon(o.kind, qmp, nbdSocket, shown, child, exited, [qmpSocket, nbdSocket], () => stderr);
-    } catch (err) {
-      child.kill('SIGKILL');
-      await exited;
-      for (const s of [qmpSocket, nbdSocket]) rmSync(s, { force: true });
-      throw err instanceof CopyFailure ? err : new CopyFailure(`Cannot start the ${o.kind} daemon: ${(err as Error).message}\n${stderr.trim()}`);
-    }
+    return new NbdBenchDaemon(proc);
   }
 
-  get stderr(): string {
-    return this.stderrText();
-  }
+  get kind(): DaemonKind { return this.proc.kind; }
+  get qmp(): QmpClient { return this.proc.qmp; }
+  get nbdSocket(): string { return this.proc.nbdSocket; }
+  get command(): string { return this.proc.command; }
+  get stderr(): string { return this.proc.stderr; }
 
   uri(exportName: 'live' | 'fleece'): string {
     return `nbd+unix:///${exportName}?socket=${this.nbdSocket}`;
@@ -169,11 +136,6 @@ export class NbdBenchDaemon {
 
   /** Sends quit and waits for the exit; kills the daemon if it has not gone within 15 s. */
   async close(): Promise<void> {
-    await this.qmp.execute('quit').catch(() => {});
-    this.qmp.close();
-    const timer = setTimeout(() => this.child.kill('SIGKILL'), 15_000);
-    await this.exited;
-    clearTimeout(timer);
-    for (const s of this.sockets) rmSync(s, { force: true });
+    await this.proc.close(15_000);
   }
 }

@@ -1,6 +1,7 @@
 import { setImmediate as nextTurn } from 'node:timers/promises';
 import { ShearError, alignDown, alignUp, assertRange, isPowerOfTwo } from '@shear/base';
 import { codeForErrno } from '@shear/native';
+import { RequestTracker } from './request-tracker.js';
 import type { BlockIO, BlockStatusExtent, WriteOptions, WriteZeroesOptions } from '../io.js';
 import {
   BlkdebugRuleEngine,
@@ -117,11 +118,9 @@ export class BlkdebugDriver implements BlockIO {
   readonly #child: BlockIO;
   readonly #engine = new BlkdebugRuleEngine();
   readonly #writeLock = new RangeLock();
-  readonly #inflight = new Set<Promise<unknown>>();
+  readonly #requests = new RequestTracker();
   #writeGen = 0;
   #flushedGen = 0;
-  #closed = false;
-  #closing: Promise<void> | undefined;
 
   /** @throws ERR_INVALID_ARGUMENT for bad options or rules, ERR_NOT_IMPLEMENTED for config, opt-write-zero, opt-discard */
   constructor(options: BlkdebugOptions) {
@@ -199,7 +198,7 @@ export class BlkdebugDriver implements BlockIO {
    * Events the node raises itself (see the class comment) should not be raised again.
    */
   debugEvent(event: BlkdebugEvent): void {
-    if (this.#closed) throw new ShearError('ERR_CLOSED', 'Cannot raise a blkdebug event: the node is closed');
+    if (this.#requests.closed) throw new ShearError('ERR_CLOSED', 'Cannot raise a blkdebug event: the node is closed');
     this.#engine.event(event);
   }
 
@@ -286,14 +285,7 @@ export class BlkdebugDriver implements BlockIO {
 
   /** Waits for requests in flight, then closes the child. Idempotent. */
   close(): Promise<void> {
-    if (!this.#closing) {
-      this.#closed = true;
-      this.#closing = (async () => {
-        await Promise.allSettled([...this.#inflight]);
-        await this.#child.close();
-      })();
-    }
-    return this.#closing;
+    return this.#requests.close(() => this.#child.close());
   }
 
   // ---- request plumbing ----
@@ -301,16 +293,13 @@ export class BlkdebugDriver implements BlockIO {
   /** Checks the node is open and the range valid, then runs the request, tracked for close(). */
   #request<T>(action: string, offset: number, bytes: number, fn: () => Promise<T>): Promise<T> {
     try {
-      if (this.#closed) throw new ShearError('ERR_CLOSED', `Cannot ${action} the blkdebug node: it is closed`);
+      if (this.#requests.closed) throw new ShearError('ERR_CLOSED', `Cannot ${action} the blkdebug node: it is closed`);
       assertRange(offset, bytes, this.length, 'range of the blkdebug node');
     } catch (err) {
       return Promise.reject(err);
     }
     const run = fn();
-    this.#inflight.add(run);
-    const forget = () => this.#inflight.delete(run);
-    run.then(forget, forget);
-    return run;
+    return this.#requests.track(run);
   }
 
   /** Fails the part (offset, bytes) of a request when an active rule says so. */

@@ -2,6 +2,7 @@ import { constants as fsConstants } from 'node:fs';
 import { open, type FileHandle } from 'node:fs/promises';
 import { ShearError, alignDown, alignUp, assertRange, isPowerOfTwo, isShearError } from '@shear/base';
 import { SYNC_FILE_RANGE, errnoName, getNative, ioError, type FallocateMode, type NativeIO } from '@shear/native';
+import { RequestTracker } from './request-tracker.js';
 import type { BlockIO, BlockStatusExtent, WriteOptions, WriteZeroesOptions } from '../io.js';
 
 /** Size of the zero buffer that writeZeroes writes in turn when the file system cannot zero a range. */
@@ -60,9 +61,7 @@ export class FileDriver implements BlockIO {
   readonly #native: NativeIO;
   readonly #handle: FileHandle;
   #length: number;
-  #closed = false;
-  #closing: Promise<void> | undefined;
-  readonly #inflight = new Set<Promise<unknown>>();
+  readonly #requests = new RequestTracker();
   readonly #writeLock = new RangeLock();
   #zeroBuffer: Buffer | undefined;
   readonly #bounceFree: Buffer[] = [];
@@ -155,13 +154,13 @@ export class FileDriver implements BlockIO {
   async read(offset: number, buf: Uint8Array): Promise<void> {
     this.#checkRange('read', offset, buf.length);
     if (buf.length === 0) return;
-    await this.#track(this.direct ? this.#readDirect(offset, buf) : this.#preadFull(offset, buf));
+    await this.#requests.track(this.direct ? this.#readDirect(offset, buf) : this.#preadFull(offset, buf));
   }
 
   async write(offset: number, buf: Uint8Array, opts: WriteOptions = {}): Promise<void> {
     this.#checkWritable('write', offset, buf.length);
     if (buf.length === 0) return;
-    await this.#track(
+    await this.#requests.track(
       (async () => {
         if (this.direct) await this.#locked(offset, buf.length, () => this.#writeDirectLocked(offset, buf));
         else await this.#pwriteFull(offset, buf);
@@ -173,7 +172,7 @@ export class FileDriver implements BlockIO {
   async writeZeroes(offset: number, bytes: number, opts: WriteZeroesOptions = {}): Promise<void> {
     this.#checkWritable('write zeroes to', offset, bytes);
     if (bytes === 0) return;
-    await this.#track(
+    await this.#requests.track(
       (async () => {
         await this.#locked(offset, bytes, () => this.#writeZeroesLocked(offset, bytes, opts));
         if (opts.fua) await this.#datasync();
@@ -184,12 +183,12 @@ export class FileDriver implements BlockIO {
   async discard(offset: number, bytes: number): Promise<void> {
     this.#checkWritable('discard', offset, bytes);
     if (bytes === 0) return;
-    await this.#track(this.#locked(offset, bytes, async () => void (await this.#tryFallocate('punch-hole', offset, bytes))));
+    await this.#requests.track(this.#locked(offset, bytes, async () => void (await this.#tryFallocate('punch-hole', offset, bytes))));
   }
 
   async flush(): Promise<void> {
     this.#checkOpen('flush');
-    await this.#track(this.#datasync());
+    await this.#requests.track(this.#datasync());
   }
 
   async blockStatus(offset: number, bytes: number): Promise<BlockStatusExtent[]> {
@@ -233,7 +232,7 @@ export class FileDriver implements BlockIO {
     this.#checkOpen('truncate');
     assertRange(0, length, Number.MAX_SAFE_INTEGER, 'file length');
     if (this.readOnly) throw this.#readOnlyError('truncate');
-    await this.#track(
+    await this.#requests.track(
       this.#locked(0, Number.MAX_SAFE_INTEGER, async () => {
         try {
           await this.#handle.truncate(length);
@@ -253,7 +252,7 @@ export class FileDriver implements BlockIO {
   async syncRange(offset: number, bytes: number, opts: { wait?: boolean } = {}): Promise<void> {
     this.#checkRange('sync', offset, bytes);
     const flags = opts.wait ? SYNC_FILE_RANGE.WAIT_BEFORE | SYNC_FILE_RANGE.WRITE | SYNC_FILE_RANGE.WAIT_AFTER : SYNC_FILE_RANGE.WRITE;
-    await this.#track(this.#native.syncFileRangeAsync(this.#handle.fd, offset, bytes, flags));
+    await this.#requests.track(this.#native.syncFileRangeAsync(this.#handle.fd, offset, bytes, flags));
   }
 
   /**
@@ -263,26 +262,23 @@ export class FileDriver implements BlockIO {
    */
   async dropCache(offset: number, bytes: number): Promise<void> {
     this.#checkRange('drop cache of', offset, bytes);
-    await this.#track(this.#native.fadviseAsync(this.#handle.fd, offset, bytes, 'dontneed'));
+    await this.#requests.track(this.#native.fadviseAsync(this.#handle.fd, offset, bytes, 'dontneed'));
   }
 
   close(): Promise<void> {
-    this.#closed = true;
-    this.#closing ??= (async () => {
-      await Promise.allSettled([...this.#inflight]);
+    return this.#requests.close(async () => {
       try {
         await this.#handle.close();
       } catch (err) {
         throw ioError(err, `close '${this.path}'`, { path: this.path, op: 'close' });
       }
-    })();
-    return this.#closing;
+    });
   }
 
   // ---- checks and bookkeeping ----
 
   #checkOpen(action: string): void {
-    if (this.#closed) throw new ShearError('ERR_CLOSED', `Cannot ${action} '${this.path}': the file driver is closed`, { path: this.path });
+    if (this.#requests.closed) throw new ShearError('ERR_CLOSED', `Cannot ${action} '${this.path}': the file driver is closed`, { path: this.path });
   }
 
   #checkRange(action: string, offset: number, bytes: number): void {
@@ -297,14 +293,6 @@ export class FileDriver implements BlockIO {
 
   #readOnlyError(action: string): ShearError {
     return new ShearError('ERR_READ_ONLY', `Cannot ${action} '${this.path}': opened read-only`, { path: this.path });
-  }
-
-  /** Keeps `p` in the in-flight set until it settles, so close can wait for it. */
-  #track<T>(p: Promise<T>): Promise<T> {
-    this.#inflight.add(p);
-    const forget = () => void this.#inflight.delete(p);
-    p.then(forget, forget);
-    return p;
   }
 
   /** Runs fn holding the write lock over the range's aligned units; buffered writes need none. */

@@ -1,4 +1,5 @@
 import { ShearError, assertRange } from '@shear/base';
+import { RequestTracker } from './request-tracker.js';
 import type { BlockIO, BlockStatusExtent, WriteOptions, WriteZeroesOptions } from '../io.js';
 
 /** QEMU requires an explicit raw `size` to be a multiple of this, so sector rounding cannot leak past the window. */
@@ -33,9 +34,7 @@ export class RawFormatDriver implements BlockIO {
   /** The `size` option; undefined when the window runs to the end of the child. */
   readonly size: number | undefined;
   readonly #child: BlockIO;
-  readonly #inflight = new Set<Promise<unknown>>();
-  #closed = false;
-  #closing: Promise<void> | undefined;
+  readonly #requests = new RequestTracker();
 
   /** @throws ERR_INVALID_ARGUMENT for a window that is negative, unaligned or outside the child */
   constructor(options: RawFormatOptions) {
@@ -116,28 +115,18 @@ export class RawFormatDriver implements BlockIO {
 
   /** Waits for requests in flight, then closes the child. Idempotent. */
   close(): Promise<void> {
-    if (!this.#closing) {
-      this.#closed = true;
-      this.#closing = (async () => {
-        await Promise.allSettled([...this.#inflight]);
-        await this.#child.close();
-      })();
-    }
-    return this.#closing;
+    return this.#requests.close(() => this.#child.close());
   }
 
   #request<T>(action: string, offset: number, bytes: number, fn: () => Promise<T>): Promise<T> {
     try {
-      if (this.#closed) throw new ShearError('ERR_CLOSED', `Cannot ${action} the raw node: it is closed`);
+      if (this.#requests.closed) throw new ShearError('ERR_CLOSED', `Cannot ${action} the raw node: it is closed`);
       assertRange(offset, bytes, this.length, 'range of the raw node');
     } catch (err) {
       return Promise.reject(err);
     }
     // A child that throws instead of rejecting still yields a rejected promise here.
     const run = (async () => fn())();
-    this.#inflight.add(run);
-    const forget = () => this.#inflight.delete(run);
-    run.then(forget, forget);
-    return run;
+    return this.#requests.track(run);
   }
 }

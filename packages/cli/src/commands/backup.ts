@@ -29,7 +29,7 @@ options:
                               conditional), never, always (a failed backup leaves only what
                               was not copied, so a retry copies the remainder)
   --backing FILE              qcow2 target: its backing file (the previous backup of the chain)
-  --workers N                 worker threads (default: ${defaultWorkerCount()}, this machine's parallelism)
+  --workers N                 worker threads (default: ${defaultWorkerCount()}, the machine's parallelism, at least 4)
   --max-chunk BYTES           largest copy task (default ${DEFAULT_MAX_CHUNK_BYTES / 2 ** 20}M; suffixes k, M, G)
   --speed BYTES_PER_SEC       rate limit (default: none; suffixes k, M, G)
   --compress                  write compressed clusters (qcow2 target)

@@ -15,7 +15,7 @@ options:
                                     TCP only on loopback); may be given twice
   --blockdev JSON|KEY=VALUE,...     a node to open at start, as blockdev-add takes it
                                     (repeatable), e.g. driver=file,node-name=disk0,filename=disk.raw
-  --workers N                       copy worker threads (default: the machine's parallelism)
+  --workers N                       copy worker threads (default: the machine's parallelism, at least 4)
   --allow-dir DIR                   confine file names given to blockdev-add to DIR (repeatable)
   --nbd-server JSON|KEY=VALUE,...   start the NBD server, as nbd-server-start takes it, e.g.
                                     addr.type=unix,addr.path=/run/shear-nbd.sock
