@@ -249,3 +249,36 @@ t.test('refusals leave nothing behind: busy bitmap, size mismatch, duplicate job
   job.start();
   await job.concluded;
 });
+
+t.test('on-target-error=ignore reports each error and retries without pausing, losing no cluster; enospc reports an EIO', async (t) => {
+  const s = await setup(2);
+  const [tg, tg2] = s.targets as [Target, Target];
+  tg.failAfter = 3;
+  const { job } = await startBackup(s, 'ig', { onTargetError: 'ignore' });
+  const statuses: string[] = [];
+  job.start();
+  while (!s.events.some((e) => e.event === 'BLOCK_JOB_ERROR' && e.data['device'] === 'ig')) {
+    statuses.push(job.status);
+    await new Promise((r) => setImmediate(r));
+  }
+  t.match(s.events.find((e) => e.event === 'BLOCK_JOB_ERROR')?.data, { device: 'ig', operation: 'write', action: 'ignore' });
+  // Still failing: ignore keeps retrying (another error event after the back-off), never pauses.
+  while (s.events.filter((e) => e.event === 'BLOCK_JOB_ERROR').length < 2) {
+    statuses.push(job.status);
+    await new Promise((r) => setTimeout(r, 10));
+  }
+  tg.failAfter = Infinity;
+  await job.concluded;
+  t.notOk(statuses.includes('paused'), 'ignore never pauses the job');
+  t.ok((await targetContent(tg)).equals(s.content), 'every cluster reached the target once it healed');
+  t.equal(s.events.filter((e) => e.event === 'BLOCK_JOB_COMPLETED' && e.data['device'] === 'ig').length, 1);
+  t.notOk(s.events.find((e) => e.event === 'BLOCK_JOB_COMPLETED')?.data['error'], 'completed without an error');
+
+  // enospc stops only for no-space errors; an EIO is reported and fails the job.
+  tg2.failAfter = 0;
+  const { job: j2 } = await startBackup(s, 'en', { onTargetError: 'enospc', target: 'tgt1' });
+  j2.start();
+  await j2.concluded;
+  t.match(s.events.find((e) => e.event === 'BLOCK_JOB_ERROR' && e.data['device'] === 'en')?.data, { operation: 'write', action: 'report' });
+  t.match(s.events.find((e) => e.event === 'BLOCK_JOB_COMPLETED' && e.data['device'] === 'en')?.data, { error: /./ });
+});
