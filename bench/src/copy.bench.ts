@@ -15,7 +15,7 @@ import { execFileSync } from 'node:child_process';
 import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { benchStart, type Cache } from './lib/bench-start.js';
+import { benchStart, envNumber, type Cache } from './lib/bench-start.js';
 import { machineFacts, printMachineFacts } from './lib/machine.js';
 import { median } from './lib/measure.js';
 import { printTable, writeResults, type Row } from './lib/report.js';
@@ -27,14 +27,6 @@ const GiB = 2 ** 30;
 const MiB = 2 ** 20;
 const here = path.dirname(fileURLToPath(import.meta.url));
 const CLI = path.resolve(here, '..', '..', 'packages', 'cli', 'dist', 'main.js');
-
-function envNumber(name: string, fallback: number): number {
-  const v = process.env[name];
-  if (v === undefined || v === '') return fallback;
-  const n = Number(v);
-  if (!Number.isFinite(n) || n <= 0) throw new Error(`Invalid ${name} "${v}": expected a positive number`);
-  return n;
-}
 
 const IMAGE_GIB = envNumber('BENCH_IMAGE_GIB', 4);
 const MIXED_GIB = envNumber('BENCH_MIXED_GIB', Math.min(1, IMAGE_GIB));

@@ -28,7 +28,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { performance } from 'node:perf_hooks';
 import { fileURLToPath } from 'node:url';
-import { benchStart, type Cache } from './lib/bench-start.js';
+import { benchStart, envNumber, type Cache } from './lib/bench-start.js';
 import { machineFacts, printMachineFacts } from './lib/machine.js';
 import { median } from './lib/measure.js';
 import { printTable, writeResults, type Row } from './lib/report.js';
@@ -45,14 +45,6 @@ const CLUSTER_BYTES = 65536;
 const BITMAP = 'b0';
 const here = path.dirname(fileURLToPath(import.meta.url));
 const CLI = path.resolve(here, '..', '..', 'packages', 'cli', 'dist', 'main.js');
-
-function envNumber(name: string, fallback: number): number {
-  const v = process.env[name];
-  if (v === undefined || v === '') return fallback;
-  const n = Number(v);
-  if (!Number.isFinite(n) || n <= 0) throw new Error(`Invalid ${name} "${v}": expected a positive number`);
-  return n;
-}
 
 const IMAGE_GIB = envNumber('BENCH_IMAGE_GIB', 4);
 const RUNS = Math.round(envNumber('BENCH_RUNS', 3));

@@ -28,7 +28,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { performance } from 'node:perf_hooks';
-import { benchStart, type Cache } from './lib/bench-start.js';
+import { benchStart, envNumber, type Cache } from './lib/bench-start.js';
 import { machineFacts, printMachineFacts } from './lib/machine.js';
 import { median } from './lib/measure.js';
 import { printTable, writeResults, type Row } from './lib/report.js';
@@ -45,13 +45,6 @@ const WRITE_BYTES = 65536;
 const here = path.dirname(fileURLToPath(import.meta.url));
 const CLI = path.resolve(here, '..', '..', 'packages', 'cli', 'dist', 'main.js');
 
-function envNumber(name: string, fallback: number, allowZero = false): number {
-  const v = process.env[name];
-  if (v === undefined || v === '') return fallback;
-  const n = Number(v);
-  if (!Number.isFinite(n) || n < 0 || (n === 0 && !allowZero)) throw new Error(`Invalid ${name} "${v}": expected a ${allowZero ? 'non-negative' : 'positive'} number`);
-  return n;
-}
 function envList<T extends string>(name: string, fallback: T[], allowed: readonly T[]): T[] {
   const v = process.env[name];
   if (v === undefined || v === '') return fallback;

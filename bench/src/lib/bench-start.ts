@@ -3,6 +3,15 @@ import { canDropCaches } from './copy-runner.js';
 
 export type Cache = 'cold' | 'warm';
 
+/** A numeric BENCH_* setting: positive (or zero where allowed), else the bench stops with its name. */
+export function envNumber(name: string, fallback: number, allowZero = false): number {
+  const v = process.env[name];
+  if (v === undefined || v === '') return fallback;
+  const n = Number(v);
+  if (!Number.isFinite(n) || n < 0 || (n === 0 && !allowZero)) throw new Error(`Invalid ${name} "${v}": expected a ${allowZero ? 'non-negative' : 'positive'} number`);
+  return n;
+}
+
 /**
  * The checks every disk bench makes before it runs: `--chart FILE.json` (re-render a saved result
  * and stop), the CLI built, BENCH_CACHE valid, and root when a cold run needs the page cache
