@@ -12,7 +12,7 @@ import { BlockGraph, FileDriver, PERM_ALL, PERM_CONSISTENT_READ, PERM_WRITE, fil
 import { CopyWorkerPool } from '@shear/block-copy';
 import { BackupJob, JobManager } from '@shear/jobs';
 import { machineFacts, printMachineFacts } from './lib/machine.js';
-import { median } from './lib/measure.js';
+import { LatencyRuns } from './lib/measure.js';
 import { printTable, writeResults, type Row } from './lib/report.js';
 
 const MiB = 2 ** 20;
@@ -34,10 +34,6 @@ function makeImage(file: string): void {
   } finally {
     closeSync(fd);
   }
-}
-
-function percentile(sorted: number[], p: number): number {
-  return sorted[Math.min(sorted.length - 1, Math.floor((p / 100) * sorted.length))]!;
 }
 
 type Mode = 'no backup' | 'backup, copy-before-write lane' | 'backup, no lanes (FIFO)';
@@ -111,31 +107,24 @@ async function main() {
   const rows: Row[] = [];
   try {
     const modes: Mode[] = ['no backup', 'backup, copy-before-write lane', 'backup, no lanes (FIFO)'];
-    const results = new Map<Mode, { p50: number[]; p99: number[]; max: number[]; mbps: number[]; n: number }>();
+    const results = new LatencyRuns<Mode>();
     for (let r = 0; r < RUNS; r++) {
       for (const m of modes) {
         const { latencies, backupMiBps } = await run(m, pool);
-        latencies.sort((a, b) => a - b);
-        const acc = results.get(m) ?? { p50: [], p99: [], max: [], mbps: [], n: 0 };
-        acc.p50.push(percentile(latencies, 50));
-        acc.p99.push(percentile(latencies, 99));
-        acc.max.push(latencies.at(-1)!);
-        acc.mbps.push(backupMiBps);
-        acc.n += latencies.length;
-        results.set(m, acc);
+        results.add(m, latencies, backupMiBps);
       }
     }
-    const base = results.get('no backup')!;
+    const base = results.summary('no backup');
     for (const m of modes) {
-      const a = results.get(m)!;
+      const a = results.summary(m);
       rows.push({
         mode: m,
-        writes: a.n,
-        'p50 ms': median(a.p50),
-        'p99 ms': median(a.p99),
-        'max ms': median(a.max),
-        'p99 vs no backup x': median(a.p99) / median(base.p99),
-        'backup MiB/s': m === 'no backup' ? '-' : median(a.mbps),
+        writes: a.writes,
+        'p50 ms': a.p50,
+        'p99 ms': a.p99,
+        'max ms': a.max,
+        'p99 vs no backup x': a.p99 / base.p99,
+        'backup MiB/s': m === 'no backup' ? '-' : a.extra,
       });
     }
   } finally {

@@ -16,8 +16,8 @@ import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { benchStart, envNumber, type Cache } from './lib/bench-start.js';
-import { machineFacts, printMachineFacts } from './lib/machine.js';
-import { median } from './lib/measure.js';
+import { machineFacts, printMachineFacts, toolVersion } from './lib/machine.js';
+import { median, stat } from './lib/measure.js';
 import { printTable, writeResults, type Row } from './lib/report.js';
 import { allocatedBytes, bytesToGenerate, ensureImage, freeDiskBytes, freeImages, type ImageInfo, type ImageKind } from './lib/images.js';
 import { CopyFailure, cachedPercent, dropCaches, fsyncFile, qsdBackup, runCommand, syncAll, timedCommand, verifyCopy, warmFile, type Timed, type Verdict } from './lib/copy-runner.js';
@@ -199,18 +199,6 @@ function selfReported(m: Measurement): number | undefined {
   if (typeof r?.['mibPerSec'] === 'number') return r['mibPerSec'];
   if (typeof r?.['jobSeconds'] === 'number') return m.bytes / MiB / r['jobSeconds'];
   return undefined;
-}
-
-function stat(values: number[]): Stat | undefined {
-  return values.length ? { median: median(values), min: Math.min(...values), max: Math.max(...values) } : undefined;
-}
-
-function toolVersion(cmd: string, args: string[]): string {
-  try {
-    return execFileSync(cmd, args, { encoding: 'utf8', stdio: ['ignore', 'pipe', 'pipe'] }).trim().split('\n')[0]!;
-  } catch {
-    return 'not found';
-  }
 }
 
 function haveTool(cmd: string): boolean {

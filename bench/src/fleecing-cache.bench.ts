@@ -18,7 +18,7 @@ import { FLEECING_CACHE_INFO, FleecingCache, SNAPSHOT_ACCESS_INFO, SnapshotAcces
 import { BackupJob, JobManager } from '@shear/jobs';
 import { NbdClientDriver } from '@shear/nbd';
 import { machineFacts, printMachineFacts } from './lib/machine.js';
-import { median } from './lib/measure.js';
+import { LatencyRuns } from './lib/measure.js';
 import { printTable, writeResults, type Row } from './lib/report.js';
 
 const MiB = 2 ** 20;
@@ -59,10 +59,6 @@ async function startSlowTarget(sock: string, file: string): Promise<ChildProcess
   const p = spawn('nbdkit', ['-f', '-U', sock, '--filter=rate', 'file', file, `rate=${TARGET_MBIT}M`], { stdio: 'ignore' });
   for (let i = 0; i < 100 && !existsSync(sock); i++) await new Promise((r) => setTimeout(r, 50));
   return p;
-}
-
-function pct(sorted: number[], p: number): number {
-  return sorted[Math.min(sorted.length - 1, Math.floor((p / 100) * sorted.length))]!;
 }
 
 async function run(mode: Mode, pool: CopyWorkerPool) {
@@ -125,7 +121,6 @@ async function run(mode: Mode, pool: CopyWorkerPool) {
     const seconds = (backupDone - t0) / 1000;
     g.detachUser(guest);
     for (const n of ['snap', 'local', 'spill', 'slow', 'disk']) if (g.find(n)) await g.removeNode(n);
-    latencies.sort((a, b) => a - b);
     return { latencies, seconds };
   } finally {
     kit.kill('SIGKILL');
@@ -142,31 +137,25 @@ async function main() {
   const rows: Row[] = [];
   try {
     const modes: Mode[] = ['direct', 'temp image', 'RAM+disk cache'];
-    const acc = new Map<Mode, { p50: number[]; p99: number[]; max: number[]; secs: number[]; n: number }>();
+    const acc = new LatencyRuns<Mode>();
     for (let r = 0; r < RUNS; r++) {
       for (const m of modes) {
         const { latencies, seconds } = await run(m, pool);
-        const a = acc.get(m) ?? { p50: [], p99: [], max: [], secs: [], n: 0 };
-        a.p50.push(pct(latencies, 50));
-        a.p99.push(pct(latencies, 99));
-        a.max.push(latencies.at(-1)!);
-        a.secs.push(seconds);
-        a.n += latencies.length;
-        acc.set(m, a);
+        acc.add(m, latencies, seconds);
       }
     }
-    const base = acc.get('direct')!;
+    const base = acc.summary('direct');
     for (const m of modes) {
-      const a = acc.get(m)!;
+      const a = acc.summary(m);
       rows.push({
         mode: m,
-        writes: a.n,
-        'p50 ms': median(a.p50),
-        'p99 ms': median(a.p99),
-        'max ms': median(a.max),
-        'p99 vs direct x': median(a.p99) / median(base.p99),
-        'backup s': median(a.secs),
-        'backup time vs direct x': median(a.secs) / median(base.secs),
+        writes: a.writes,
+        'p50 ms': a.p50,
+        'p99 ms': a.p99,
+        'max ms': a.max,
+        'p99 vs direct x': a.p99 / base.p99,
+        'backup s': a.extra,
+        'backup time vs direct x': a.extra / base.extra,
       });
     }
   } finally {

@@ -23,14 +23,13 @@
 // --free deletes the images at the end.
 // Quick check: BENCH_IMAGE_GIB=0.5 BENCH_RUNS=1 npm run bench -- incremental
 import { closeSync, copyFileSync, existsSync, mkdirSync, openSync, readFileSync, readSync, rmSync, statSync, truncateSync, writeFileSync, writeSync } from 'node:fs';
-import { execFileSync } from 'node:child_process';
 import os from 'node:os';
 import path from 'node:path';
 import { performance } from 'node:perf_hooks';
 import { fileURLToPath } from 'node:url';
 import { benchStart, envNumber, type Cache } from './lib/bench-start.js';
-import { machineFacts, printMachineFacts } from './lib/machine.js';
-import { median } from './lib/measure.js';
+import { machineFacts, printMachineFacts, toolVersion } from './lib/machine.js';
+import { median, stat } from './lib/measure.js';
 import { printTable, writeResults, type Row } from './lib/report.js';
 import { allocatedBytes, ensureImage, freeDiskBytes, freeImages, type ImageInfo } from './lib/images.js';
 import { CopyFailure, cachedPercent, dropCaches, fsyncFile, syncAll, verifyCopy, warmFile, type Verdict } from './lib/copy-runner.js';
@@ -309,18 +308,6 @@ function ensureCopies(base: ImageInfo, dirtyClusters: number, log: (s: string) =
     writeFileSync(markerFile, JSON.stringify(want) + '\n');
   }
   return images;
-}
-
-function stat(values: number[]): Stat | undefined {
-  return values.length ? { median: median(values), min: Math.min(...values), max: Math.max(...values) } : undefined;
-}
-
-function toolVersion(cmd: string, args: string[]): string {
-  try {
-    return execFileSync(cmd, args, { encoding: 'utf8', stdio: ['ignore', 'pipe', 'pipe'] }).trim().split('\n')[0]!;
-  } catch {
-    return 'not found';
-  }
 }
 
 const gib = (b: number) => `${(b / GiB).toFixed(2)} GiB`;

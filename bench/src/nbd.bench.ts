@@ -29,8 +29,8 @@ import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { performance } from 'node:perf_hooks';
 import { benchStart, envNumber, type Cache } from './lib/bench-start.js';
-import { machineFacts, printMachineFacts } from './lib/machine.js';
-import { median } from './lib/measure.js';
+import { machineFacts, printMachineFacts, toolVersion } from './lib/machine.js';
+import { median, stat } from './lib/measure.js';
 import { printTable, writeResults, type Row } from './lib/report.js';
 import { allocatedBytes, ensureImage, freeDiskBytes, type ImageInfo } from './lib/images.js';
 import { CopyFailure, cachedPercent, commandLine, dropCaches, fsyncFile, runCommand, syncAll, verifyCopy, warmFile, type Verdict } from './lib/copy-runner.js';
@@ -354,18 +354,6 @@ function plan(caches: Cache[], run: number): Case[] {
     add('latency', 'push', caches, (c, m) => measureLatency(c, m, 'push'));
   }
   return cases;
-}
-
-function stat(values: number[]): Stat | undefined {
-  return values.length ? { median: median(values), min: Math.min(...values), max: Math.max(...values) } : undefined;
-}
-
-function toolVersion(cmd: string, args: string[]): string {
-  try {
-    return execFileSync(cmd, args, { encoding: 'utf8', stdio: ['ignore', 'pipe', 'pipe'] }).trim().split('\n')[0]!;
-  } catch {
-    return 'not found';
-  }
 }
 
 /** Processes other than this bench's using noticeable CPU right now (top's second sample). */

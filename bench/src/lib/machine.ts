@@ -35,3 +35,12 @@ export function printMachineFacts(facts: MachineFacts): void {
   const fs = facts.filesystem ? `, filesystem ${facts.filesystem}` : '';
   console.log(`machine: ${facts.cpu}, ${facts.cores} cores (available parallelism ${facts.availableParallelism}), ${facts.memoryGiB} GiB, Node ${facts.node}, Linux ${facts.kernel}${fs}`);
 }
+
+/** The first line a tool prints for its version, or 'not found'. */
+export function toolVersion(cmd: string, args: string[]): string {
+  try {
+    return execFileSync(cmd, args, { encoding: 'utf8', stdio: ['ignore', 'pipe', 'pipe'] }).trim().split('\n')[0]!;
+  } catch {
+    return 'not found';
+  }
+}

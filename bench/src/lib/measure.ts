@@ -1,4 +1,5 @@
 import { performance } from 'node:perf_hooks';
+import type { Stat } from './svg-chart.js';
 
 export function median(values: number[]): number {
   const s = [...values].sort((a, b) => a - b);
@@ -33,4 +34,39 @@ export function timePerCall(fn: () => unknown, minMs = 50): number {
     dt = performance.now() - t0;
   } while (dt < minMs);
   return dt / n;
+}
+
+/** Median, min and max of a set of runs; undefined when there were none. */
+export function stat(values: number[]): Stat | undefined {
+  return values.length ? { median: median(values), min: Math.min(...values), max: Math.max(...values) } : undefined;
+}
+
+/** The p-th percentile of ascending values (nearest rank). */
+export function percentile(sorted: number[], p: number): number {
+  return sorted[Math.min(sorted.length - 1, Math.floor((p / 100) * sorted.length))]!;
+}
+
+/**
+ * A writer's latencies per mode over several runs: each run's p50, p99 and max, plus one extra
+ * figure per run (the backup's rate or time); summary() gives the medians across runs.
+ */
+export class LatencyRuns<M extends string> {
+  readonly #runs = new Map<M, { p50: number[]; p99: number[]; max: number[]; extra: number[]; n: number }>();
+
+  add(mode: M, latencies: number[], extra: number): void {
+    const sorted = [...latencies].sort((a, b) => a - b);
+    const a = this.#runs.get(mode) ?? { p50: [], p99: [], max: [], extra: [], n: 0 };
+    a.p50.push(percentile(sorted, 50));
+    a.p99.push(percentile(sorted, 99));
+    a.max.push(sorted.at(-1)!);
+    a.extra.push(extra);
+    a.n += sorted.length;
+    this.#runs.set(mode, a);
+  }
+
+  summary(mode: M): { writes: number; p50: number; p99: number; max: number; extra: number } {
+    const a = this.#runs.get(mode);
+    if (!a) throw new Error(`no runs of mode "${mode}"`);
+    return { writes: a.n, p50: median(a.p50), p99: median(a.p99), max: median(a.max), extra: median(a.extra) };
+  }
 }
