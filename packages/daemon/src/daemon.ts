@@ -3,11 +3,12 @@ import { addBlockdev } from '@shear/blockdev';
 import { CopyWorkerPool } from '@shear/block-copy';
 import { JobManager } from '@shear/jobs';
 import { CommandRegistry, QmpServer } from '@shear/qmp';
-import type { DaemonContext, DaemonLogger } from './context.js';
+import { blockdevContext, type DaemonContext, type DaemonLogger } from './context.js';
 import { registerBlockNodeCommands } from './commands/block-nodes.js';
 import { registerJobCommands } from './commands/job-commands.js';
 import { registerBitmapAndTransactionCommands } from './commands/transaction.js';
 import { registerIoCommand } from './commands/io-command.js';
+import { registerResourceQuery } from './commands/resources.js';
 import { NbdService, registerNbdCommands } from './commands/nbd-commands.js';
 
 export interface DaemonOptions {
@@ -67,13 +68,17 @@ export class ShearDaemon {
       jobs: this.jobs,
       pool: this.pool,
       log: opts.log,
-      emit: (event, data) => this.qmp.emit(event, data),
+      emit: (event, data) => {
+        this.log.info({ evt: `event.${event}`, ...data }, event);
+        this.qmp.emit(event, data);
+      },
       allowedDirs: opts.allowedDirs,
     };
     registerBlockNodeCommands(registry, this.#ctx);
     registerBitmapAndTransactionCommands(registry, this.#ctx);
     registerJobCommands(registry, this.#ctx);
     registerIoCommand(registry, this.#ctx);
+    registerResourceQuery(registry, this.#ctx);
     this.nbd = new NbdService(this.#ctx, { allowRemote: opts.nbdAllowRemote ?? false });
     registerNbdCommands(registry, this.#ctx, this.nbd);
   }
@@ -82,7 +87,7 @@ export class ShearDaemon {
   static async start(opts: DaemonOptions): Promise<ShearDaemon> {
     const d = new ShearDaemon(opts);
     try {
-      for (const b of opts.blockdevs ?? []) await addBlockdev(d.graph, b, { ...(opts.allowedDirs ? { allowedDirs: opts.allowedDirs } : {}), ...(d.pool ? { pool: d.pool } : {}) });
+      for (const b of opts.blockdevs ?? []) await addBlockdev(d.graph, b, blockdevContext(d.#ctx));
       if (opts.nbdServer) await d.#run('nbd-server-start', opts.nbdServer);
       for (const e of opts.exports ?? []) await d.#run('block-export-add', e);
       await d.qmp.listen();
@@ -90,6 +95,8 @@ export class ShearDaemon {
       await d.shutdown('start failed');
       throw err;
     }
+    // A client may have sent quit before the socket was fully set up: then it is over already.
+    if (d.#shutdown) return d;
     d.log.info({ evt: 'daemon.started', qmp: opts.qmp, nodes: d.graph.nodes().map((n) => n.name), workers: d.pool?.workers ?? 0 }, 'shear daemon started');
     return d;
   }

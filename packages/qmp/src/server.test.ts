@@ -399,3 +399,27 @@ t.test('a client that reads nothing is dropped once its output exceeds maxOutput
   }
   t.equal(server.sessionCount, 0);
 });
+
+t.test('closed while still starting (a client quit as soon as the socket appeared): nothing is left listening', async (t) => {
+  // The socket file appears before listen() returns; close() in that window used to miss the
+  // listener, which then kept the daemon alive after quit. Forced: close as soon as the file exists.
+  let forced = 0;
+  for (let attempt = 0; attempt < 20 && forced < 3; attempt++) {
+    const path = join(sockDir(t), 'qmp.sock');
+    const server = new QmpServer({ path });
+    let listened = false;
+    const listening = server.listen().then(() => (listened = true));
+    while (!existsSync(path) && !listened) await new Promise((r) => setImmediate(r));
+    if (listened) {
+      await server.close();
+      continue;
+    }
+    forced++;
+    await server.close();
+    await listening;
+    t.equal(server.path, undefined, 'the listener that arrived after close was closed');
+    t.notOk(existsSync(path), 'and its socket file removed');
+    await t.rejects(RawConn.connect(path), 'nobody answers on it');
+  }
+  t.ok(forced > 0, `the window was hit (${forced} times)`);
+});

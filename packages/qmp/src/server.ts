@@ -122,9 +122,17 @@ export class QmpServer {
     }
     this.#listening = true;
     try {
+      // The socket is visible before listenUnix returns: a client may connect and quit (close
+      // this server) meanwhile. close() only sees listeners already stored, so a listener that
+      // arrives after it began is closed here; otherwise it would keep the process alive.
       if (this.#opts.path !== undefined) {
-        this.#unix = await listenUnix(this.#opts.path, (socket) => this.#accept(socket, 'unix'));
-        this.#log.info({ path: this.#unix.path }, 'qmp listening');
+        const unix = await listenUnix(this.#opts.path, (socket) => this.#accept(socket, 'unix'));
+        if (this.#closing) {
+          await unix.close();
+          return;
+        }
+        this.#unix = unix;
+        this.#log.info({ path: unix.path }, 'qmp listening');
       }
       if (this.#opts.tcp) {
         const server = net.createServer((socket) => {
@@ -138,6 +146,10 @@ export class QmpServer {
             done();
           });
         });
+        if (this.#closing) {
+          await new Promise<void>((done) => server.close(() => done()));
+          return;
+        }
         this.#tcp = server;
         this.#log.info({ address: server.address() }, 'qmp listening');
       }
