@@ -81,6 +81,7 @@ import type { ExportClient, NbdExport } from './export.js';
 import { allocationExtents, bitmapExtents, depthExtents, listContexts, selectContexts, type MetaContext } from './metadata.js';
 import { checkRequest, isOrderedCommand, isWriteCommand } from './request-check.js';
 import { SocketReader } from '../socket-reader.js';
+import type { BufferPool } from './buffer-pool.js';
 
 /** Requests of one connection served at once; beyond this we stop reading (TCP slows the client). */
 export const MAX_INFLIGHT_REQUESTS = 32;
@@ -99,6 +100,8 @@ export interface ConnectionHost {
   /** Exports that accept new connections, for NBD_OPT_LIST. */
   listExports(): NbdExport[];
   readonly handshakeTimeoutMs: number;
+  /** READ reply buffers, shared by the server's connections. */
+  readonly buffers: BufferPool;
 }
 
 /** What the client chose: the export, reply style and metadata contexts. */
@@ -433,17 +436,21 @@ export class ServerConnection implements ExportClient {
       this.#send(b.structured ? encodeNoneChunk(req.cookie) : encodeSimpleReply(req.cookie, 0));
       return;
     }
-    const buf = Buffer.allocUnsafe(length);
+    const buf = this.#host.buffers.acquire(length);
+    // Back to the pool once the socket wrote it out; on a failed read at once.
+    const done = () => this.#host.buffers.release(buf);
+    // A read that fails may still be filling the buffer (a sibling piece): it is left to the
+    // collector rather than handed out again, as is one whose socket is gone.
     if (!b.structured) {
       await edge.read(offset, buf);
-      this.#send(encodeSimpleReply(req.cookie, 0), buf);
+      this.#send(done, encodeSimpleReply(req.cookie, 0), buf);
       return;
     }
     let runs: { offset: number; bytes: number; hole: boolean }[] | null = null;
     if ((req.flags & NBD_CMD_FLAG_DF) === 0) runs = await this.#readRuns(b, offset, length).catch(() => null);
     if (!runs || runs.every((r) => !r.hole)) {
       await edge.read(offset, buf);
-      this.#send(encodeOffsetDataHeader(NBD_REPLY_FLAG_DONE, req.cookie, offset, length), buf);
+      this.#send(done, encodeOffsetDataHeader(NBD_REPLY_FLAG_DONE, req.cookie, offset, length), buf);
       return;
     }
     if (b.exp.fleecing) await edge.read(offset, buf);
@@ -454,7 +461,7 @@ export class ServerConnection implements ExportClient {
       if (r.hole) out.push(encodeHoleChunk(flags, req.cookie, r.offset, r.bytes));
       else out.push(encodeOffsetDataHeader(flags, req.cookie, r.offset, r.bytes), buf.subarray(r.offset - offset, r.offset - offset + r.bytes));
     });
-    this.#send(...out);
+    this.#send(done, ...out);
   }
 
   /** Data and hole runs tiling (offset, length) exactly, neighbours of one kind merged. */
@@ -501,16 +508,29 @@ export class ServerConnection implements ExportClient {
   // ---------------------------------------------------------------- plumbing
 
   /** Writes one whole message: its pieces go out back to back, never interleaved with another. */
-  #send(...pieces: Uint8Array[]): void {
+  #send(...pieces: Uint8Array[]): boolean;
+  #send(flushed: () => void, ...pieces: Uint8Array[]): boolean;
+  /**
+   * Writes one whole message; `flushed` runs once the socket no longer needs its pieces.
+   * Returns false when the socket is gone (nothing written, `flushed` never runs).
+   */
+  #send(...args: (Uint8Array | (() => void))[]): boolean {
+    const flushed = typeof args[0] === 'function' ? (args.shift() as () => void) : undefined;
+    const pieces = args as Uint8Array[];
     const s = this.socket;
-    if (s.destroyed || s.writableEnded) return;
-    if (pieces.length === 1) {
-      s.write(pieces[0]!);
-      return;
+    if (s.destroyed || s.writableEnded) return false;
+    const last = pieces.length - 1;
+    // The callback of the last write: pieces leave in order, so all of them are out by then.
+    // On an error it is called too, and the data is no longer needed either way.
+    const cb = flushed ? () => flushed() : undefined;
+    if (last === 0) {
+      s.write(pieces[0]!, cb);
+      return true;
     }
     s.cork();
-    for (const p of pieces) s.write(p);
+    pieces.forEach((p, i) => s.write(p, i === last ? cb : undefined));
     s.uncork();
+    return true;
   }
 
   #wait(): Promise<void> {

@@ -1,3 +1,4 @@
+import { BufferPool } from './buffer-pool.js';
 import { lstat, unlink } from 'node:fs/promises';
 import { createServer, type AddressInfo, type Server, type Socket } from 'node:net';
 import { ShearError } from '@shear/base';
@@ -35,6 +36,7 @@ export class NbdServer {
   readonly maxConnections: number;
   readonly allowRemote: boolean;
   readonly handshakeTimeoutMs: number;
+  readonly #buffers = new BufferPool();
   readonly #onExportDeleted: ((info: NbdExportInfo) => void) | undefined;
   readonly #exports = new Map<string, NbdExport>();
   /** Exports removed from the table but not gone yet. */
@@ -203,6 +205,7 @@ export class NbdServer {
         findExport: (name) => this.#exports.get(name),
         listExports: () => [...this.#exports.values()],
         handshakeTimeoutMs: this.handshakeTimeoutMs,
+        buffers: this.#buffers,
       },
       socket,
     );
