@@ -26,18 +26,22 @@ export interface ConsistencyReport {
   writes: number;
   bytesChecked: number;
   mismatchedClusters: number;
+  /** Chunks the fleecing cache spilled to its file, and guest writes that waited for space. */
+  cacheSpills: number;
+  cacheWaits: number;
   details: string[];
 }
 
 /**
  * One round of the point-in-time check under load: a guest writes random data through the
  * writable export the whole time, while Shear takes (1) a full push backup, (2) an incremental
- * on top of it, and (3) a pull backup of the fleecing export with nbdcopy. For each, the guest
+ * on top of it, (3) a pull backup of the fleecing export with nbdcopy, and (4) a slow backup
+ * drained from a small fleecing cache (full: guest writes wait for space). For each, the guest
  * is paused at the start point just long enough to hash every cluster of the disk, an
  * independent record of what the backup must hold; the backup is then compared with it.
  */
 export async function consistencyRound(p: ConsistencyParams): Promise<ConsistencyReport> {
-  const report: ConsistencyReport = { backups: 0, writes: 0, bytesChecked: 0, mismatchedClusters: 0, details: [] };
+  const report: ConsistencyReport = { backups: 0, writes: 0, bytesChecked: 0, mismatchedClusters: 0, cacheSpills: 0, cacheWaits: 0, details: [] };
   const sockDir = mkdtempSync(path.join(os.tmpdir(), 'shear-cons-'));
   const nbdSock = path.join(sockDir, 'nbd.sock');
   const disk = path.join(p.dir, 'disk.raw');
@@ -109,6 +113,32 @@ export async function consistencyRound(p: ConsistencyParams): Promise<Consistenc
     await deleted;
     await d.cmd('blockdev-del', { 'node-name': 'snap' });
     await d.cmd('job-cancel', { id: 'fleece' });
+    await awaitJob(d, 'fleece').catch(() => {});
+    await d.cmd('blockdev-del', { 'node-name': 'tmp' });
+
+    // (4) a slow backup through a fleecing cache an eighth of the disk's size: it fills, and
+    // guest writes wait for the rate-limited drain to free space (none may fail).
+    const spill = target('spill', 'raw');
+    const slow = target('slow', 'raw');
+    await d.cmd('blockdev-add', { driver: 'fleecing-cache', 'node-name': 'cache', 'ram-bytes': p.sizeBytes / 16, 'file-bytes': p.sizeBytes / 16, file: { driver: 'file', filename: spill } });
+    await d.cmd('blockdev-add', { driver: 'file', 'node-name': 'slow', filename: slow });
+    await writer.pause();
+    const atCache = clusterHashes(readFileSync(disk));
+    await d.cmd('blockdev-backup', { 'job-id': 'fleece2', device: 'disk0', target: 'cache', sync: 'none', 'filter-node-name': 'cbw2', 'x-shear-cbw-timeout': 60 });
+    await d.cmd('blockdev-add', { driver: 'snapshot-access', 'node-name': 'snap2', file: 'cbw2' });
+    await d.cmd('blockdev-backup', { 'job-id': 'drain', device: 'snap2', target: 'slow', sync: 'full', 'discard-source': true, speed: p.speed });
+    writer.resume();
+    await awaitJob(d, 'drain');
+    const nodes = await d.cmd<{ 'node-name': string; 'x-shear-cache'?: { spills: number; waits: number } }[]>('query-named-block-nodes');
+    const cache = nodes.find((n) => n['node-name'] === 'cache')?.['x-shear-cache'];
+    report.cacheSpills = cache?.spills ?? 0;
+    report.cacheWaits = cache?.waits ?? 0;
+    await d.cmd('blockdev-del', { 'node-name': 'slow' });
+    await check('slow backup drained from a fleecing cache', readFileSync(slow), atCache);
+    await d.cmd('blockdev-del', { 'node-name': 'snap2' });
+    await d.cmd('job-cancel', { id: 'fleece2' });
+    await awaitJob(d, 'fleece2').catch(() => {});
+    await d.cmd('blockdev-del', { 'node-name': 'cache' });
   } finally {
     report.writes = await writer.stop().catch((err: Error) => {
       report.details.push(`writer: ${err.message}`);

@@ -13,18 +13,50 @@ export interface DaemonHandle {
   stderr: () => string;
   /** Runs a command; rejects with the QMP error. */
   cmd<T = unknown>(name: string, args?: Record<string, unknown>): Promise<T>;
-  /** Sends quit and waits for the process to exit; returns its exit code. */
+  /**
+   * Sends quit and waits for the process to exit; returns its exit code. Throws when the daemon
+   * had to be killed (it did not exit within 15 s of quit), or when it had released every node
+   * and job yet still held descriptors on files (see assertReleased).
+   */
   stop(): Promise<number | null>;
+  /** x-shear-query-resources: the daemon's descriptors, handles, worker pool, nodes and jobs. */
+  resources(): Promise<DaemonResources>;
+  /**
+   * Asserts the daemon holds nothing of a test's: no nodes, no jobs, no descriptor on any file
+   * (images, sidecars), no copy task in flight or queued. Call after dismissing the jobs and
+   * deleting the exports and nodes.
+   */
+  assertReleased(): Promise<DaemonResources>;
   /** SIGKILL, for crash tests. */
   kill(): Promise<void>;
 }
 
+export interface DaemonResources {
+  fds: { fd: number; target: string }[];
+  /** Descriptors on regular files (not the daemon's own code). */
+  files: string[];
+  handles: Record<string, number>;
+  pool: { workers: number; threads: number; 'in-flight': number; queued: number } | null;
+  nodes: string[];
+  jobs: string[];
+}
+
+/** What is left of a test's in the daemon, one line each; empty when everything was released. */
+export function unreleased(r: DaemonResources): string[] {
+  const left: string[] = [];
+  if (r.nodes.length) left.push(`nodes still open: ${r.nodes.join(', ')}`);
+  if (r.jobs.length) left.push(`jobs not dismissed: ${r.jobs.join(', ')}`);
+  for (const f of r.files) left.push(`a descriptor on ${f} is still open`);
+  if (r.pool && (r.pool['in-flight'] || r.pool.queued)) left.push(`copy tasks still in flight: ${r.pool['in-flight']} (${r.pool.queued} queued)`);
+  return left;
+}
+
 /** Starts `shear daemon` on a socket in `dir` and connects a QMP client to it. */
-export async function startDaemon(_dir: string, extraArgs: string[] = [], opts: { name?: string } = {}): Promise<DaemonHandle> {
+export async function startDaemon(_dir: string, extraArgs: string[] = [], opts: { name?: string; env?: NodeJS.ProcessEnv } = {}): Promise<DaemonHandle> {
   // UNIX socket paths are limited to about 107 bytes: test directories are too deep for them.
   const sockDir = mkdtempSync(path.join(os.tmpdir(), 'shear-qmp-'));
   const socket = path.join(sockDir, `${opts.name ?? 'qmp'}.sock`);
-  const proc = spawn(process.execPath, [SHEAR_BIN, 'daemon', '--qmp', `unix:${socket}`, '--log-level', process.env['SHEAR_TEST_LOG'] ?? 'warn', ...extraArgs], { stdio: ['ignore', 'ignore', 'pipe'] });
+  const proc = spawn(process.execPath, [SHEAR_BIN, 'daemon', '--qmp', `unix:${socket}`, '--log-level', process.env['SHEAR_TEST_LOG'] ?? 'warn', ...extraArgs], { stdio: ['ignore', 'ignore', 'pipe'], env: { ...process.env, ...opts.env } });
   let stderr = '';
   proc.stderr!.on('data', (d) => {
     stderr += d;
@@ -49,14 +81,30 @@ export async function startDaemon(_dir: string, extraArgs: string[] = [], opts: 
     events,
     stderr: () => stderr,
     cmd: (name, args) => qmp.execute(name, args),
+    resources: () => qmp.execute<DaemonResources>('x-shear-query-resources'),
+    async assertReleased() {
+      const r = await qmp.execute<DaemonResources>('x-shear-query-resources');
+      const left = unreleased(r);
+      if (left.length) throw new Error(`the daemon did not release everything:\n  ${left.join('\n  ')}`);
+      return r;
+    },
     async stop() {
-      if (proc.exitCode === null) {
+      if (proc.exitCode === null && proc.signalCode === null) {
+        // A daemon whose test released every node and job must hold no file any more.
+        const before = await qmp.execute<DaemonResources>('x-shear-query-resources').catch(() => undefined);
+        const heldFiles = before && before.nodes.length === 0 && before.jobs.length === 0 ? unreleased(before) : [];
         await qmp.execute('quit').catch(() => {});
-        const timer = setTimeout(() => proc.kill('SIGKILL'), 15_000);
+        let killed = false;
+        const timer = setTimeout(() => {
+          killed = true;
+          proc.kill('SIGKILL');
+        }, 15_000);
         const code = await exited;
         clearTimeout(timer);
         await qmp.close();
         rmSync(sockDir, { recursive: true, force: true });
+        if (killed) throw new Error(`daemon ${proc.pid} did not exit within 15 s of quit and was killed; stderr:\n${stderr}`);
+        if (heldFiles.length) throw new Error(`the daemon released every node and job but still held:\n  ${heldFiles.join('\n  ')}`);
         return code;
       }
       await qmp.close();

@@ -14,8 +14,9 @@ for (const r of ROUNDS) {
   t.test(`point in time under a random writer: seed ${r.seed}, ${r.workers} worker(s), bitmap granularity ${r.granularity}`, async (t) => {
     if (!requireTools(t, 'qemu-img', 'nbdcopy')) return;
     const report = await consistencyRound({ dir: t.testdir(), ...r });
-    t.equal(report.backups, 3, 'full, incremental and pull backups all ran');
+    t.equal(report.backups, 4, 'full, incremental, pull and fleecing-cache backups all ran');
     t.ok(report.writes > 50, `the guest wrote throughout (${report.writes} writes)`);
+    t.ok(report.cacheSpills > 0, `the fleecing cache spilled to its file (${report.cacheSpills} chunks; ${report.cacheWaits} guest writes waited for space)`);
     t.equal(report.mismatchedClusters, 0, report.details.join('; ') || 'every backup equals the disk at its start');
   });
 }

@@ -2,6 +2,7 @@ import t from 'tap';
 import { readFileSync, statSync, writeFileSync } from 'node:fs';
 import path from 'node:path';
 import { requireTools } from '@shear/testkit';
+import { shear } from '../lib/cli.js';
 import { jobEnd, startDaemon, type DaemonHandle } from '../lib/daemon.js';
 import { makeRawImage, qemuImg } from '../lib/images.js';
 
@@ -31,7 +32,9 @@ t.test('fleecing cache: RAM first, spill file second, drained to the target with
   t.teardown(() => d.stop());
   await d.cmd('x-shear-io', { node: 'disk0', command: 'read 0 4k' });
   await d.cmd('blockdev-add', { driver: 'fleecing-cache', 'node-name': 'cache', 'ram-bytes': MiB, file: { driver: 'file', filename: spill } });
-  await d.cmd('blockdev-backup', { 'job-id': 'fleece', device: 'disk0', target: 'cache', sync: 'none', 'filter-node-name': 'cbw' });
+  await t.rejects(d.cmd('blockdev-backup', { 'job-id': 'fleece', device: 'disk0', target: 'cache', sync: 'none', 'x-shear-cbw-timeout': -1 }), { message: /x-shear-cbw-timeout/ });
+  await d.cmd('blockdev-backup', { 'job-id': 'fleece', device: 'disk0', target: 'cache', sync: 'none', 'filter-node-name': 'cbw', 'x-shear-cbw-timeout': 20 });
+  t.match(await cacheInfo(d), { 'wait-ms': 20_000 }, "the job's filter gives the cache its cbw-timeout");
   const snapshot = readFileSync(disk);
   await d.cmd('blockdev-add', { driver: 'snapshot-access', 'node-name': 'snap', file: 'cbw' });
   // The guest overwrites 4 MiB: 1 MiB of old data fits in RAM, 3 MiB spill to the file.
@@ -84,3 +87,61 @@ for (const policy of ['break-guest-write', 'break-snapshot'] as const) {
     }
   });
 }
+
+t.test('full cache with cbw-timeout: guest writes wait for the drain instead of failing; events and query-jobs say so', async (t) => {
+  if (!requireTools(t, 'qemu-img')) return;
+  const dir = t.testdir();
+  const disk = path.join(dir, 'disk.raw');
+  const data = makeRawImage(disk, SIZE, 54);
+  for (let o = 0; o < SIZE; o += C) if (data.subarray(o, o + C).every((b) => b === 0)) data.fill(7, o, o + C);
+  writeFileSync(disk, data);
+  const snapshot = Buffer.from(data);
+  const spill = path.join(dir, 'spill.tmp');
+  qemuImg('create', '-q', '-f', 'raw', spill, String(SIZE));
+  const final = path.join(dir, 'final.raw');
+  qemuImg('create', '-q', '-f', 'raw', final, String(SIZE));
+  const d = await startDaemon(dir, ['--blockdev', `driver=file,node-name=disk0,filename=${disk}`]);
+  t.teardown(() => d.stop());
+  // 16 chunks of RAM and 16 of spill file: a quarter of what the guest is about to overwrite.
+  await d.cmd('blockdev-add', { driver: 'fleecing-cache', 'node-name': 'cache', 'ram-bytes': 16 * C, 'file-bytes': 16 * C, file: { driver: 'file', filename: spill } });
+  await d.cmd('blockdev-add', { driver: 'copy-before-write', 'node-name': 'cbw', file: 'disk0', target: 'cache', 'on-cbw-error': 'break-guest-write', 'cbw-timeout': 30 });
+  await d.cmd('blockdev-add', { driver: 'snapshot-access', 'node-name': 'snap', file: 'cbw' });
+  await d.cmd('blockdev-add', { driver: 'file', 'node-name': 'final', filename: final });
+  // A slow target: 4 MiB/s.
+  await d.cmd('blockdev-backup', { 'job-id': 'drain', device: 'snap', target: 'final', sync: 'full', 'discard-source': true, speed: 4 * MiB, 'x-perf': { 'max-chunk': C, 'max-workers': 2 } });
+  // What an operator runs to follow it.
+  const watcher = shear(['jobs', '--qmp', `unix:${d.socket}`, '--watch', '--job', 'drain', '--interval', '100']);
+  let peak = 0;
+  // From the top down: the drain copies unchanged clusters from the bottom up, so these still
+  // need preserving when the guest overwrites them.
+  for (let c = 255; c >= 128; c--) {
+    await d.cmd('x-shear-io', { node: 'cbw', command: `write -P 0x45 ${c * C} 64k` });
+    if (c % 16 === 0) {
+      const jobs = await d.cmd<{ id: string; 'x-shear-cache'?: { node: string; 'ram-used': number; 'file-used': number } }[]>('query-jobs');
+      const info = jobs.find((j) => j.id === 'drain')?.['x-shear-cache'];
+      if (info) peak = Math.max(peak, info['ram-used'] + info['file-used']);
+      if (c === 240) t.match(info, { node: 'cache', 'ram-bytes': 16 * C, 'file-bytes': 16 * C }, 'query-jobs shows the cache the job drains');
+    }
+  }
+  const once = await shear(['jobs', '--qmp', `unix:${d.socket}`]);
+  t.match(once.stdout, /^drain {2}backup {2}running {2}[\d.]+% .* cache cache \w+: RAM /m, 'shear jobs shows the job with its cache');
+  t.equal((await shear(['jobs', '--qmp', `unix:${d.socket}`, '--job', 'nope'])).code, 3, 'an unknown job is exit status 3');
+  t.equal((await shear(['jobs'])).code, 2, 'no --qmp is a usage error');
+  t.pass('all 128 guest writes succeeded although the cache holds only 32 chunks');
+  const end = await jobEnd(d, 'drain');
+  t.notOk(end.data?.['error'], 'the drain completed');
+  const w = await watcher;
+  t.equal(w.code, 0, `shear jobs --watch exits 0 when the job completes ${w.stderr}`);
+  t.match(w.stdout, /cache cache: \w+ -> full \(RAM/, 'and printed the cache filling up');
+  t.match(w.stdout, /writes waiting/, 'with the writes waiting for space');
+  t.match(w.stdout, /job drain: completed\n/, 'and the end of the job');
+  t.ok(peak <= 32 * C, 'the cache never held more than its limits');
+  const states = d.events.filter((e) => e.event === 'X_SHEAR_CACHE_STATE').map((e) => e.data?.['state']);
+  t.ok(states.includes('spilling') && states.includes('full'), `the cache reported spilling and full (${states.join(' ')})`);
+  t.match(d.events.find((e) => e.event === 'X_SHEAR_CACHE_STATE')?.data, { node: 'cache' }, 'events name the node');
+  t.notOk(d.events.some((e) => e.event === 'X_SHEAR_CBW_ERROR' || e.event === 'X_SHEAR_CACHE_WRITE_FAILED'), 'no guest write failed');
+  const info = await cacheInfo(d);
+  t.ok((info as unknown as { waits: number }).waits > 0, 'some writes waited for space');
+  await d.cmd('blockdev-del', { 'node-name': 'final' });
+  t.ok(readFileSync(final).equals(snapshot), 'the slow target holds the disk as it was when the filter started');
+});

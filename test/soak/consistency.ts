@@ -1,5 +1,6 @@
 // npm run soak -- [MINUTES]   (default 10)
-// Rounds of the point-in-time check under a random writer (full push, incremental, pull) with
+// Rounds of the point-in-time check under a random writer (full push, incremental, pull, slow
+// backup through a small fleecing cache) with
 // random seeds, worker counts, bitmap granularities and disk sizes, until the time is up.
 // Prints how many rounds, backups, guest writes and bytes it checked, and any mismatch.
 import { mkdtempSync, rmSync } from 'node:fs';
@@ -10,7 +11,7 @@ import { consistencyRound } from '../lib/consistency-run.js';
 const MiB = 2 ** 20;
 const minutes = Number(process.argv[2] ?? 10);
 const deadline = Date.now() + minutes * 60_000;
-const totals = { rounds: 0, backups: 0, writes: 0, bytesChecked: 0, mismatchedClusters: 0, failedRounds: 0 };
+const totals = { rounds: 0, backups: 0, writes: 0, bytesChecked: 0, mismatchedClusters: 0, failedRounds: 0, cacheWaits: 0 };
 let x = Number(process.env['SOAK_SEED'] ?? Date.now()) >>> 0;
 const rand = (n: number) => {
   x = (Math.imul(x, 1103515245) + 12345) >>> 0;
@@ -32,12 +33,13 @@ while (Date.now() < deadline) {
     totals.writes += r.writes;
     totals.bytesChecked += r.bytesChecked;
     totals.mismatchedClusters += r.mismatchedClusters;
+    totals.cacheWaits += r.cacheWaits;
     // A guest that stopped (a refused write) is a failure too: it means a write failed.
     if (r.details.some((d) => d.startsWith('writer:')) || r.writes === 0) totals.failedRounds++;
-    console.log(`round ${totals.rounds}: ${JSON.stringify(params)} -> ${r.writes} writes, ${r.backups} backups, ${r.mismatchedClusters} mismatched clusters${r.details.length ? ' ' + r.details.join('; ') : ''}`);
+    console.log(`round ${totals.rounds}: ${JSON.stringify(params)} -> ${r.writes} writes, ${r.backups} backups, ${r.cacheWaits} cache waits, ${r.mismatchedClusters} mismatched clusters${r.details.length ? ' ' + r.details.join('; ') : ''}`);
   } finally {
     rmSync(dir, { recursive: true, force: true });
   }
 }
-console.log(`\nsoak: ${totals.rounds} rounds, ${totals.backups} backups, ${totals.writes} guest writes, ${(totals.bytesChecked / MiB).toFixed(0)} MiB checked, ${totals.mismatchedClusters} mismatched clusters, ${totals.failedRounds} rounds with a failed guest write`);
+console.log(`\nsoak: ${totals.rounds} rounds, ${totals.backups} backups, ${totals.writes} guest writes, ${(totals.bytesChecked / MiB).toFixed(0)} MiB checked, ${totals.cacheWaits} guest writes that waited for fleecing-cache space, ${totals.mismatchedClusters} mismatched clusters, ${totals.failedRounds} rounds with a failed guest write`);
 process.exitCode = totals.mismatchedClusters === 0 && totals.failedRounds === 0 ? 0 : 1;

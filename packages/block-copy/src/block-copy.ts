@@ -429,6 +429,9 @@ export class BlockCopy extends EventEmitter {
       const doneBytes = outcome.ok ? t.bytes : alignDown(outcome.doneBytes, this.clusterBytes);
       if (doneBytes > 0 && !discarded) this.emit('range-done', t.offset, doneBytes);
     }
+    // A discard does not stop a task mid-write: what it wrote into a discarded range may have
+    // landed after the owner freed that range on the target, so the owner frees it again.
+    for (const [o, b] of t.discarded) this.emit('discarded-written', o, b);
     if (!outcome.ok && !discarded) {
       // Clusters wholly before doneBytes are in place; the rest go back (or are retried). A
       // batch reports nothing done on failure: it is given back or retried whole.

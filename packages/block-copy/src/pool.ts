@@ -34,6 +34,7 @@ export class CopyWorkerPool {
   readonly workers: number;
   readonly #pool: Piscina;
   #destroyed = false;
+  #inFlight = 0;
 
   constructor(opts: CopyWorkerPoolOptions = {}) {
     this.workers = opts.workers ?? defaultWorkerCount();
@@ -55,10 +56,21 @@ export class CopyWorkerPool {
     return this.#pool.queueSize;
   }
 
+  /** Threads alive now (piscina starts them as needed, up to `workers`). */
+  get threads(): number {
+    return this.#pool.threads.length;
+  }
+
+  /** Tasks given to run() and not finished yet (queued or on a thread). */
+  get inFlight(): number {
+    return this.#inFlight;
+  }
+
   async run(task: CopyTaskMessage): Promise<CopyTaskResult> {
     if (this.#destroyed) {
       return { ok: false, error: toWire(new ShearError('ERR_CLOSED', 'Cannot run copy task: the worker pool is shut down')), doneBytes: 0 };
     }
+    this.#inFlight++;
     try {
       return (await this.#pool.run(task)) as CopyTaskResult;
     } catch (err) {
@@ -67,6 +79,8 @@ export class CopyWorkerPool {
         error: toWire(new ShearError('ERR_COPY_WORKER_DIED', `Cannot finish copy task (${task.offset}, ${task.bytes}): its worker thread stopped: ${(err as Error).message}`, { offset: task.offset, bytes: task.bytes }, { cause: err })),
         doneBytes: 0,
       };
+    } finally {
+      this.#inFlight--;
     }
   }
 

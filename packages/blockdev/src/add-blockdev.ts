@@ -28,6 +28,8 @@ export interface BlockdevContext {
   allowedDirs?: readonly string[];
   /** Worker threads for the copy engine of copy-before-write nodes. */
   pool?: CopyWorkerPool;
+  /** Events of nodes (fleecing cache state, copy-before-write failures), with the node's name added. */
+  emit?: (event: string, data: Record<string, unknown>) => void;
 }
 
 /** QEMU's `raw` keeps others from resizing its file; otherwise a filter (role DATA|FILTERED). */
@@ -73,10 +75,14 @@ async function add(graph: BlockGraph, options: unknown, ctx: BlockdevContext, cr
   const direct = cache?.bool('direct', false) ?? false;
   cache?.ignore('no-flush');
   cache?.done();
-  const base = (info: DriverInfo, open: (children: Map<string, ChildEdge>) => Promise<BlockIO>, children: { role: string; node: BlockNode }[] = []) => {
+  let added: BlockNode | undefined;
+  const base = async (info: DriverInfo, open: (children: Map<string, ChildEdge>) => Promise<BlockIO>, children: { role: string; node: BlockNode }[] = []) => {
     a.done();
-    return graph.addNode({ ...(name !== undefined ? { name } : {}), info, readOnly, children, open });
+    return (added = await graph.addNode({ ...(name !== undefined ? { name } : {}), info, readOnly, children, open }));
   };
+  // The driver opens before its node has a (generated) name; events name it when they happen.
+  const emit = ctx.emit;
+  const onEvent = emit ? { onEvent: (event: string, data: Record<string, unknown>) => emit(event, { node: added?.name ?? name, ...data }) } : {};
   const child = async (key: string, optional = false): Promise<BlockNode | undefined> => {
     const v = a.raw(key);
     if (v === undefined) {
@@ -159,6 +165,7 @@ async function add(graph: BlockGraph, options: unknown, ctx: BlockdevContext, cr
         target: c.get('target')!,
         onCbwError,
         cbwTimeoutSec,
+        ...onEvent,
         ...(bitmap ? { bitmap } : {}),
         ...(ctx.pool ? { pool: ctx.pool } : {}),
       }), [{ role: 'file', node: file }, { role: 'target', node: target }]);
@@ -186,7 +193,7 @@ async function add(graph: BlockGraph, options: unknown, ctx: BlockdevContext, cr
       const file = await child('file', true);
       const length = size ?? file?.length;
       if (length === undefined) throw new ShearError('ERR_INVALID_ARGUMENT', "Parameter 'size' is missing (a fleecing cache without a spill file needs it)");
-      node = await base(FLEECING_CACHE_INFO, async (c) => new FleecingCache({ length, ramBytes, ...(c.get('file') ? { file: c.get('file')! } : {}), ...(fileBytes !== undefined ? { fileBytes } : {}) }), file ? [{ role: 'file', node: file }] : []);
+      node = await base(FLEECING_CACHE_INFO, async (c) => new FleecingCache({ length, ramBytes, ...onEvent, ...(c.get('file') ? { file: c.get('file')! } : {}), ...(fileBytes !== undefined ? { fileBytes } : {}) }), file ? [{ role: 'file', node: file }] : []);
       break;
     }
     case 'snapshot-access': {

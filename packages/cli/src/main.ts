@@ -3,6 +3,7 @@ import { ShearError } from '@shear/base';
 import { runBackup, BACKUP_USAGE } from './commands/backup.js';
 import { runDemo } from './commands/demo.js';
 import { runDaemon, DAEMON_USAGE } from './commands/daemon.js';
+import { runJobs, JOBS_USAGE } from './commands/jobs.js';
 import { EXIT, exitCodeFor } from './exit-codes.js';
 import { createLogger } from './logger.js';
 
@@ -12,6 +13,7 @@ commands:
   backup      copy a disk image to a new image (full, or top layer), in parallel
   daemon      run the daemon: block nodes and backup jobs behind a QMP socket
   demo        make a demo disk, back it up, verify it, and walk through dirty bitmaps
+  jobs        show (or --watch) a daemon's jobs: progress, fleecing cache state, events
   help        this text; \`shear help backup\` for a command's options
 
 exit status: 0 ok, 1 failed, 2 usage, 3 not found, 4 permission or target exists,
@@ -40,11 +42,13 @@ async function main(argv: string[]): Promise<number> {
         return await runDemo(rest, log.child({ component: 'demo' }), ac.signal);
       case 'daemon':
         return await runDaemon(rest, log.child({ component: 'daemon' }), ac.signal);
+      case 'jobs':
+        return await runJobs(rest, ac.signal);
       case undefined:
       case 'help':
       case '--help':
       case '-h':
-        process.stdout.write((rest[0] === 'backup' ? BACKUP_USAGE : rest[0] === 'daemon' ? DAEMON_USAGE : USAGE) + '\n');
+        process.stdout.write(({ backup: BACKUP_USAGE, daemon: DAEMON_USAGE, jobs: JOBS_USAGE }[rest[0] ?? ''] ?? USAGE) + '\n');
         return EXIT.OK;
       default:
         process.stderr.write(`shear: unknown command "${command}"\n\n${USAGE}\n`);

@@ -1,5 +1,6 @@
 import type { BlockGraph } from '@shear/block';
 import type { CopyWorkerPool } from '@shear/block-copy';
+import type { BlockdevContext } from '@shear/blockdev';
 import type { JobManager } from '@shear/jobs';
 
 /** A pino-compatible logger, as much of it as the daemon uses. */
@@ -21,4 +22,9 @@ export interface DaemonContext {
   emit(event: string, data: Record<string, unknown>): void;
   /** Directories `file` nodes may name; undefined = anywhere. */
   readonly allowedDirs: readonly string[] | undefined;
+}
+
+/** What blockdev-add (and --blockdev) needs of the daemon. */
+export function blockdevContext(ctx: DaemonContext): BlockdevContext {
+  return { ...(ctx.allowedDirs ? { allowedDirs: ctx.allowedDirs } : {}), ...(ctx.pool ? { pool: ctx.pool } : {}), emit: (event, data) => ctx.emit(event, data) };
 }

@@ -1,7 +1,7 @@
 import { randomBytes } from 'node:crypto';
-import { open, readFile, rename, stat, unlink } from 'node:fs/promises';
-import { dirname } from 'node:path';
-import { ShearError, type ErrorCode } from '@shear/base';
+import { open, readFile, readdir, rename, stat, unlink } from 'node:fs/promises';
+import { basename, dirname } from 'node:path';
+import { ShearError, crashPoint, type ErrorCode } from '@shear/base';
 import type { SharedBitmap } from '@shear/bitmap';
 import { checkBitmapName, checkGranularity } from './limits.js';
 import {
@@ -152,7 +152,7 @@ function serialised<T>(path: string, fn: () => Promise<T>): Promise<T> {
  * when no record is left). Records carried over from a file written for another state of the
  * image are marked in use: their bits did not follow its changes.
  */
-function rewrite(imagePath: string, change: (records: SidecarRecord[]) => SidecarRecord[]): Promise<void> {
+function rewrite(imagePath: string, change: (records: SidecarRecord[]) => SidecarRecord[], step?: (name: string) => void): Promise<void> {
   return serialised(sidecarPath(imagePath), async () => {
     const existing = await readSidecar(imagePath);
     const now = await imageIdentity(imagePath);
@@ -163,7 +163,7 @@ function rewrite(imagePath: string, change: (records: SidecarRecord[]) => Sideca
       if (existing) await removeAtomically(sidecarPath(imagePath));
       return;
     }
-    await writeAtomically(sidecarPath(imagePath), encodeSidecar(now, records));
+    await writeAtomically(sidecarPath(imagePath), encodeSidecar(now, records), step);
   });
 }
 
@@ -191,7 +191,12 @@ export async function storeSidecar(imagePath: string, bitmaps: readonly SidecarB
     }
   }
   const fresh = bitmaps.map((b) => recordFor(b.name, b.bits, (opts.inUse ? SIDECAR_IN_USE : 0) | (b.enabled ? SIDECAR_ENABLED : 0)));
-  await rewrite(imagePath, (records) => [...records.map((r) => fresh.find((f) => f.name === r.name) ?? r), ...fresh.filter((f) => !records.some((r) => r.name === f.name))]);
+  await rewrite(
+    imagePath,
+    (records) => [...records.map((r) => fresh.find((f) => f.name === r.name) ?? r), ...fresh.filter((f) => !records.some((r) => r.name === f.name))],
+    // Test-only crash points (SHEAR_CRASH_AT=bitmap-store:<step>) of a consistent store.
+    opts.inUse ? undefined : (name) => crashPoint('bitmap-store', name),
+  );
 }
 
 /**
@@ -229,7 +234,8 @@ async function syncFolder(path: string): Promise<void> {
   }
 }
 
-async function writeAtomically(path: string, data: Uint8Array): Promise<void> {
+async function writeAtomically(path: string, data: Uint8Array, step: (name: string) => void = () => {}): Promise<void> {
+  await removeStrayTemps(path);
   const tmp = `${path}.tmp-${process.pid}-${randomBytes(4).toString('hex')}`;
   try {
     const fh = await open(tmp, 'wx', 0o644);
@@ -239,12 +245,40 @@ async function writeAtomically(path: string, data: Uint8Array): Promise<void> {
     } finally {
       await fh.close();
     }
+    step('sidecar-tmp');
     await rename(tmp, path);
+    step('sidecar-rename');
   } catch (err) {
     await unlink(tmp).catch(() => undefined);
     throw ioFail(err, 'write bitmap sidecar', path);
   }
   await syncFolder(path);
+  step('sidecar-dir');
+}
+
+/**
+ * Temporary sidecars a crashed process left (`<sidecar>.tmp-<pid>-<hex>`, killed between write
+ * and rename): never read, but they would stay forever. Those of a live process are another
+ * writer's, and are left alone.
+ */
+async function removeStrayTemps(path: string): Promise<void> {
+  const prefix = `${basename(path)}.tmp-`;
+  const names = await readdir(dirname(path)).catch(() => [] as string[]);
+  for (const name of names) {
+    if (!name.startsWith(prefix)) continue;
+    const pid = Number(name.slice(prefix.length).split('-')[0]);
+    if (!Number.isSafeInteger(pid) || pid <= 0 || processAlive(pid)) continue;
+    await unlink(`${dirname(path)}/${name}`).catch(() => undefined);
+  }
+}
+
+function processAlive(pid: number): boolean {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch (err) {
+    return errnoCode(err) === 'EPERM';
+  }
 }
 
 async function removeAtomically(path: string): Promise<void> {

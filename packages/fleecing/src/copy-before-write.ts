@@ -17,6 +17,7 @@ import {
 } from '@shear/block';
 import { BlockCopy, DEFAULT_CLUSTER_BYTES, type BlockCopyOptions, type CopyWorkerPool } from '@shear/block-copy';
 import { RequestTable, type InFlightRequest } from '@shear/reqlist';
+import { FleecingCache, type CacheEventSink } from './fleecing-cache.js';
 
 export type OnCbwError = 'break-guest-write' | 'break-snapshot';
 
@@ -55,6 +56,8 @@ export interface CopyBeforeWriteOptions {
   /** Seconds a guest write may wait for its copy; 0 = no limit. Held as a JS number (53 bits). */
   cbwTimeoutSec?: number;
   pool?: CopyWorkerPool;
+  /** Where X_SHEAR_CBW_ERROR events go (the daemon names the node and sends them as QMP events). */
+  onEvent?: CacheEventSink;
   /** Copy engine settings (cluster size, chunk, speed, sync=top, compress, ...). */
   copy?: Omit<BlockCopyOptions, 'source' | 'target' | 'length' | 'pool'>;
 }
@@ -84,8 +87,11 @@ export class CopyBeforeWrite implements BlockIO {
   readonly #file: ChildEdge;
   readonly #target: ChildEdge;
   readonly #reads = new RequestTable();
+  readonly #onEvent: CacheEventSink | undefined;
   #broken: ShearError | undefined;
   #closed = false;
+  /** A failed guest write was reported and no guest write has succeeded since. */
+  #failing = false;
 
   constructor(opts: CopyBeforeWriteOptions) {
     this.#file = opts.file;
@@ -114,6 +120,15 @@ export class CopyBeforeWrite implements BlockIO {
     this.access = SharedBitmap.create(Math.max(1, length), this.clusterBytes);
     this.access.set(0, Math.max(1, length));
     this.copy.on('range-done', (offset: number, bytes: number) => this.done.set(offset, bytes));
+    this.copy.on('discarded-written', (offset: number, bytes: number) => {
+      this.done.reset(offset, bytes);
+      void this.#target.discard(offset, bytes).catch(() => {});
+    });
+    this.#onEvent = opts.onEvent;
+    // A fleecing cache that is full makes a preserving write wait for a drain to free space,
+    // for as long as the guest write may wait for its copy.
+    const cache = opts.target.child.isOpen ? opts.target.child.driver : undefined;
+    if (cache instanceof FleecingCache) cache.spaceWaitMs = this.cbwTimeoutSec * 1000;
   }
 
   get length(): number {
@@ -187,20 +202,35 @@ export class CopyBeforeWrite implements BlockIO {
     if (bytes <= 0 || offset < 0 || offset + bytes > this.length) return undefined;
     if (!this.#broken) {
       const ms = this.cbwTimeoutSec * 1000;
-      const signal = ms > 0 && ms <= MAX_TIMER_MS ? AbortSignal.timeout(ms) : undefined;
+      // Our own timer, cleared when the copy is done: AbortSignal.timeout() would leave one
+      // pending per guest write until the collector happens to reclaim its signal.
+      const timeout = ms > 0 && ms <= MAX_TIMER_MS ? new AbortController() : undefined;
+      const timer = timeout ? setTimeout(() => timeout.abort(), ms) : undefined;
+      const signal = timeout?.signal;
       try {
         await this.copy.copyRange(offset, bytes, signal ? { signal } : {});
       } catch (err) {
         const why = signal?.aborted ? `it did not finish within cbw-timeout ${this.cbwTimeoutSec} s` : (err as Error).message;
         if (this.onCbwError === 'break-guest-write') {
+          // Reported once per run of failures: a guest retrying in a loop must not flood the monitor.
+          if (!this.#failing) this.#emit('guest-write-failed', offset, bytes, why);
+          this.#failing = true;
           throw new ShearError('ERR_CBW_FAILED', `Cannot write (${offset}, ${bytes}): copy-before-write failed: ${why}`, { offset, bytes, op: 'write', errno: 'EIO' }, { cause: err });
         }
+        if (!this.#broken) this.#emit('snapshot-broken', offset, bytes, why);
         this.#breakSnapshot(new ShearError('ERR_SNAPSHOT_BROKEN', `Cannot read the snapshot: copy-before-write of (${offset}, ${bytes}) failed: ${why}`, { offset, bytes, errno: 'EIO' }, { cause: err }));
+      } finally {
+        clearTimeout(timer);
       }
     }
+    this.#failing = false;
     const start = alignDown(offset, this.clusterBytes);
     const end = Math.min(this.length, alignUp(offset + bytes, this.clusterBytes));
     return this.#reads.acquire(start, end - start, 'guest-write');
+  }
+
+  #emit(action: 'guest-write-failed' | 'snapshot-broken', offset: number, bytes: number, reason: string): void {
+    this.#onEvent?.('X_SHEAR_CBW_ERROR', { action, offset, bytes, reason });
   }
 
   #breakSnapshot(reason: ShearError): void {

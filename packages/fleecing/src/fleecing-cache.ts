@@ -13,7 +13,19 @@ export interface FleecingCacheOptions {
   file?: ChildEdge;
   /** The most bytes the spill file may hold; default: as much as the source. */
   fileBytes?: number;
+  /** Where state changes go (the daemon names the node and sends them as QMP events). */
+  onEvent?: CacheEventSink;
+  /** At most one state event per this many ms (default 1000). */
+  stateEventIntervalMs?: number;
 }
+
+/**
+ * Where the cache keeps what it holds: `ram` (nothing on the spill file), `spilling` (RAM was
+ * full, the spill file is in use), `full` (RAM and file full: writes wait for a drain to free
+ * space, or fail).
+ */
+export type CacheState = 'ram' | 'spilling' | 'full';
+export type CacheEventSink = (event: string, data: Record<string, unknown>) => void;
 
 export interface FleecingCacheStats {
   ramBytes: number;
@@ -22,6 +34,13 @@ export interface FleecingCacheStats {
   spills: number;
   /** Chunks freed by discard (drained to the backup target). */
   drained: number;
+  state: CacheState;
+  /** Writes that found the cache full and waited for space. */
+  waits: number;
+  /** Writes refused because no space came free in time. */
+  failures: number;
+  /** Writes waiting for space right now. */
+  waiting: number;
 }
 
 /**
@@ -31,8 +50,11 @@ export interface FleecingCacheStats {
  * (discard-source frees each chunk as it lands there).
  *
  * Chunks never written read as zeroes (the filter only reads back what it preserved). When RAM
- * and the spill file are both full, writes fail with ERR_NO_SPACE and the filter's on-cbw-error
- * policy decides: the guest write fails, or the snapshot is given up. Never a silent loss.
+ * and the spill file are both full, a write waits up to `spaceWaitMs` for a drain to free space
+ * (the copy-before-write filter sets it to its cbw-timeout), then fails with ERR_NO_SPACE and
+ * the filter's on-cbw-error policy decides: the guest write fails, or the snapshot is given up.
+ * Never a silent loss. With no wait set a full cache fails at once: an unbounded wait could
+ * stall the guest for good when nothing drains the cache.
  */
 export class FleecingCache implements BlockIO {
   readonly length: number;
@@ -43,6 +65,16 @@ export class FleecingCache implements BlockIO {
   readonly #onFile = new Set<number>();
   #spills = 0;
   #drained = 0;
+  #waits = 0;
+  #failures = 0;
+  #state: CacheState = 'ram';
+  /** Failed writes of the current full period were reported already. */
+  #failureReported = false;
+  #closed = false;
+  readonly #waiters = new Set<() => void>();
+  readonly #onEvent: CacheEventSink | undefined;
+  /** How long a write may wait for space when the cache is full; 0: fail at once. */
+  spaceWaitMs = 0;
 
   constructor(opts: FleecingCacheOptions) {
     assertRange(0, opts.length, Number.MAX_SAFE_INTEGER, 'cache length');
@@ -56,10 +88,39 @@ export class FleecingCache implements BlockIO {
     this.ramLimit = opts.ramBytes;
     this.#file = opts.file;
     this.fileLimit = opts.file ? (opts.fileBytes ?? opts.length) : 0;
+    this.#onEvent = opts.onEvent;
+    this.#stateEventIntervalMs = opts.stateEventIntervalMs ?? 1000;
   }
 
   get stats(): FleecingCacheStats {
-    return { ramBytes: this.#ram.size * CACHE_CHUNK_BYTES, fileBytes: this.#onFile.size * CACHE_CHUNK_BYTES, spills: this.#spills, drained: this.#drained };
+    return {
+      ramBytes: this.#ram.size * CACHE_CHUNK_BYTES,
+      fileBytes: this.#onFile.size * CACHE_CHUNK_BYTES,
+      spills: this.#spills,
+      drained: this.#drained,
+      state: this.#state,
+      waits: this.#waits,
+      failures: this.#failures,
+      waiting: this.#waiters.size,
+    };
+  }
+
+  /** The cache as query-named-block-nodes and query-jobs show it (`x-shear-cache`). */
+  info(): Record<string, unknown> {
+    const st = this.stats;
+    return {
+      state: st.state,
+      'ram-bytes': this.ramLimit,
+      'ram-used': st.ramBytes,
+      'file-bytes': this.fileLimit,
+      'file-used': st.fileBytes,
+      spills: st.spills,
+      drained: st.drained,
+      waits: st.waits,
+      failures: st.failures,
+      waiting: st.waiting,
+      'wait-ms': this.spaceWaitMs,
+    };
   }
 
   /** Held chunks as ranges, RAM first: what a drain should copy before anything else. */
@@ -132,20 +193,71 @@ export class FleecingCache implements BlockIO {
 
   async close(): Promise<void> {
     this.#ram.clear();
+    // Nothing will free space any more: waiting writes fail now rather than at their deadline.
+    this.#closed = true;
+    clearTimeout(this.#reportTimer);
+    this.#reportTimer = undefined;
+    for (const wake of this.#waiters) wake();
   }
 
   async #store(c: number, chunk: Uint8Array): Promise<void> {
-    if (this.#ram.has(c) || this.#ram.size * CACHE_CHUNK_BYTES + CACHE_CHUNK_BYTES <= this.ramLimit) {
-      this.#ram.set(c, chunk);
-      if (this.#onFile.delete(c)) await this.#file!.discard(c * CACHE_CHUNK_BYTES, chunk.length).catch(() => {});
-      return;
+    const deadline = performance.now() + this.spaceWaitMs;
+    let waited = false;
+    for (;;) {
+      if (this.#closed) throw new ShearError('ERR_CLOSED', `Cannot preserve (${c * CACHE_CHUNK_BYTES}, ${chunk.length}): the fleecing cache is closed`);
+      if (this.#ram.has(c) || this.#ram.size * CACHE_CHUNK_BYTES + CACHE_CHUNK_BYTES <= this.ramLimit) {
+        this.#ram.set(c, chunk);
+        if (this.#onFile.delete(c)) await this.#file!.discard(c * CACHE_CHUNK_BYTES, chunk.length).catch(() => {});
+        this.#updateState();
+        return;
+      }
+      if (this.#file && (this.#onFile.has(c) || (this.#onFile.size + 1) * CACHE_CHUNK_BYTES <= this.fileLimit)) {
+        // Taken before the write so that concurrent stores cannot overbook the file; nothing
+        // reads a chunk before its store resolves (the filter marks it preserved only then).
+        const fresh = !this.#onFile.has(c);
+        this.#onFile.add(c);
+        try {
+          await this.#file.write(c * CACHE_CHUNK_BYTES, chunk);
+        } catch (err) {
+          if (fresh) this.#onFile.delete(c);
+          this.#wakeWaiters();
+          throw err;
+        }
+        if (fresh) this.#spills++;
+        this.#updateState();
+        return;
+      }
+      const left = deadline - performance.now();
+      if (left <= 0) break;
+      if (!waited) this.#waits++;
+      waited = true;
+      this.#setState('full');
+      await this.#waitForSpace(left);
     }
-    if (!this.#file || (!this.#onFile.has(c) && (this.#onFile.size + 1) * CACHE_CHUNK_BYTES > this.fileLimit)) {
-      throw new ShearError('ERR_NO_SPACE', `Cannot preserve (${c * CACHE_CHUNK_BYTES}, ${chunk.length}): the fleecing cache is full (${this.ramLimit} bytes of RAM, ${this.fileLimit} bytes of spill file)`, { offset: c * CACHE_CHUNK_BYTES, bytes: chunk.length, errno: 'ENOSPC' });
+    this.#failures++;
+    const why = waited ? ` and no space came free within ${Math.round(this.spaceWaitMs)} ms` : '';
+    if (!this.#failureReported) {
+      this.#failureReported = true;
+      this.#setState('full');
+      this.#emit('X_SHEAR_CACHE_WRITE_FAILED', { offset: c * CACHE_CHUNK_BYTES, bytes: chunk.length, waited });
     }
-    await this.#file.write(c * CACHE_CHUNK_BYTES, chunk);
-    if (!this.#onFile.has(c)) this.#spills++;
-    this.#onFile.add(c);
+    throw new ShearError('ERR_NO_SPACE', `Cannot preserve (${c * CACHE_CHUNK_BYTES}, ${chunk.length}): the fleecing cache is full (${this.ramLimit} bytes of RAM, ${this.fileLimit} bytes of spill file)${why}`, { offset: c * CACHE_CHUNK_BYTES, bytes: chunk.length, errno: 'ENOSPC' });
+  }
+
+  #waitForSpace(ms: number): Promise<void> {
+    return new Promise((resolve) => {
+      const wake = () => {
+        clearTimeout(timer);
+        this.#waiters.delete(wake);
+        resolve();
+      };
+      const timer = setTimeout(wake, Math.min(ms, 2 ** 31 - 1));
+      this.#waiters.add(wake);
+    });
+  }
+
+  #wakeWaiters(): void {
+    for (const wake of [...this.#waiters]) wake();
   }
 
   async #drop(c: number, drained: boolean): Promise<void> {
@@ -153,6 +265,65 @@ export class FleecingCache implements BlockIO {
     const onFile = this.#onFile.delete(c);
     if (onFile) await this.#file!.discard(c * CACHE_CHUNK_BYTES, Math.min(CACHE_CHUNK_BYTES, this.length - c * CACHE_CHUNK_BYTES)).catch(() => {});
     if (drained && (inRam || onFile)) this.#drained++;
+    if (inRam || onFile) {
+      this.#updateState();
+      this.#wakeWaiters();
+    }
+  }
+
+  /**
+   * The state follows what the cache holds. `full` lasts while writes wait and until an eighth
+   * of the cache is free again: a guest writing as fast as the drain frees chunks keeps it full,
+   * instead of flipping states (and sending an event) for every chunk.
+   */
+  #updateState(): void {
+    const capacity = this.ramLimit + this.fileLimit;
+    const used = (this.#ram.size + this.#onFile.size) * CACHE_CHUNK_BYTES;
+    const full = this.#state === 'full' && (this.#waiters.size > 0 || capacity - used < Math.max(CACHE_CHUNK_BYTES, capacity / 8));
+    this.#setState(full ? 'full' : this.#onFile.size > 0 ? 'spilling' : 'ram');
+  }
+
+  #setState(state: CacheState): void {
+    if (state === this.#state) return;
+    this.#state = state;
+    if (state !== 'full') this.#failureReported = false;
+    else this.#fullSinceReport = true;
+    this.#reportState();
+  }
+
+  // State events are limited to one a second (QEMU limits its frequent events likewise): a cache
+  // hovering at a boundary reports where it is, not every crossing. The last state always goes
+  // out, and a full period is never hidden: if the cache was full in between, that comes first.
+  #reported: CacheState = 'ram';
+  #fullSinceReport = false;
+  #reportedAt = -Infinity;
+  #reportTimer: NodeJS.Timeout | undefined;
+  readonly #stateEventIntervalMs: number;
+
+  #reportState(): void {
+    if (this.#reportTimer || this.#closed) return;
+    const wait = this.#reportedAt + this.#stateEventIntervalMs - performance.now();
+    if (wait > 0) {
+      this.#reportTimer = setTimeout(() => {
+        this.#reportTimer = undefined;
+        this.#reportState();
+      }, wait);
+      return;
+    }
+    const states: CacheState[] = this.#fullSinceReport && this.#reported !== 'full' && this.#state !== 'full' ? ['full', this.#state] : [this.#state];
+    this.#fullSinceReport = false;
+    for (const state of states) {
+      if (state === this.#reported) continue;
+      const previous = this.#reported;
+      this.#reported = state;
+      this.#reportedAt = performance.now();
+      this.#emit('X_SHEAR_CACHE_STATE', { state, previous });
+    }
+  }
+
+  #emit(event: string, data: Record<string, unknown>): void {
+    const st = this.stats;
+    this.#onEvent?.(event, { ...data, 'ram-used': st.ramBytes, 'file-used': st.fileBytes, waiting: st.waiting });
   }
 
   async #pieces(offset: number, bytes: number, fn: (chunk: number, from: number, to: number, at: number) => Promise<void>): Promise<void> {

@@ -1,81 +1,11 @@
 import t from 'tap';
 import { randomBytes } from 'node:crypto';
 import { ShearError } from '@shear/base';
-import { BlockGraph, MemoryDriver, PERM_ALL, PERM_CONSISTENT_READ, PERM_WRITE, filterChildPerms, type BlockIO, type BlockStatusExtent } from '@shear/block';
-import { BackupJob, checkBackupArgs, type BackupParams } from './backup-job.js';
-import { JobManager } from './job-manager.js';
+import { MemoryDriver } from '@shear/block';
+import { checkBackupArgs, errorAction, failedOperation, type BackupJob, type BlockdevOnError } from './backup-job.js';
 import { JobTxn } from './job-txn.js';
 import { JOB_TRANSITIONS } from './job-states.js';
-
-const C = 64 * 1024;
-const CLUSTERS = 64;
-const SIZE = CLUSTERS * C;
-const INFO = { name: 'memory', childPerms: filterChildPerms };
-
-/** A target whose writes can be made to fail or to wait at a gate. */
-class Target implements BlockIO {
-  failAfter = Infinity;
-  writes = 0;
-  /** Clusters that some write reached successfully. */
-  readonly written = new Set<number>();
-  gate: Promise<void> | undefined;
-  readonly mem = new MemoryDriver({ length: SIZE });
-  get length() { return SIZE; }
-  read(o: number, b: Uint8Array) { return this.mem.read(o, b); }
-  async write(o: number, b: Uint8Array) {
-    await this.gate;
-    if (++this.writes > this.failAfter) throw new ShearError('ERR_IO', 'Cannot write: injected', { errno: 'EIO' });
-    await this.mem.write(o, b);
-    for (let c = Math.floor(o / C); c * C < o + b.length; c++) this.written.add(c);
-  }
-  async writeZeroes(o: number, n: number) {
-    await this.gate;
-    if (++this.writes > this.failAfter) throw new ShearError('ERR_IO', 'Cannot write: injected', { errno: 'EIO' });
-    return this.mem.writeZeroes(o, n);
-  }
-  discard(o: number, n: number) { return this.mem.discard(o, n); }
-  flush() { return Promise.resolve(); }
-  blockStatus(o: number, n: number): Promise<BlockStatusExtent[]> { return this.mem.blockStatus(o, n); }
-  async close() {}
-}
-
-async function setup(nTargets = 1) {
-  const events: { event: string; data: Record<string, unknown> }[] = [];
-  const jobs = new JobManager((event, data) => events.push({ event, data }));
-  const g = new BlockGraph();
-  const content = randomBytes(SIZE);
-  const src = await g.addNode({ name: 'disk', info: INFO, open: async () => new MemoryDriver({ length: SIZE }) });
-  const guest = g.attachUser({ kind: 'user', name: 'guest' }, src, PERM_WRITE | PERM_CONSISTENT_READ, PERM_ALL);
-  await guest.write(0, content);
-  const targets: Target[] = [];
-  for (let i = 0; i < nTargets; i++) {
-    const tg = new Target();
-    targets.push(tg);
-    await g.addNode({ name: `tgt${i}`, info: INFO, open: async () => tg });
-  }
-  return { events, jobs, g, src, guest, content, targets };
-}
-
-type Setup = Awaited<ReturnType<typeof setup>>;
-
-async function startBackup(s: Setup, id: string, p: Omit<Partial<BackupParams>, 'target'> & { target?: string }, opts: { autoFinalize?: boolean; txn?: JobTxn } = {}) {
-  // As the daemon does: the job id is checked before anything is built.
-  s.jobs.checkNewId(id);
-  const { target, ...rest } = p;
-  const driver = await BackupJob.create(s.g, undefined, { source: s.src, target: s.g.get(target ?? 'tgt0'), sync: 'full', ...rest });
-  const job = s.jobs.create(id, driver, { autoFinalize: opts.autoFinalize ?? true }, opts.txn);
-  return { job, driver };
-}
-
-function eventsOf(s: Setup, id: string) {
-  return s.events.filter((e) => e.data['id'] === id || e.data['device'] === id).map((e) => (e.event === 'JOB_STATUS_CHANGE' ? `status:${e.data['status']}` : e.event));
-}
-
-async function targetContent(tg: Target) {
-  const b = Buffer.alloc(SIZE);
-  await tg.mem.read(0, b);
-  return b;
-}
+import { C, INFO, SIZE, type FaultyDisk as Target, eventsOf, setup, startBackup, targetContent } from './test-support.fixture.js';
 
 t.test('the transition and verb tables are QEMU\'s', async (t) => {
   t.same(JOB_TRANSITIONS.running, ['paused', 'ready', 'waiting', 'aborting']);
@@ -281,4 +211,66 @@ t.test('on-target-error=ignore reports each error and retries without pausing, l
   await j2.concluded;
   t.match(s.events.find((e) => e.event === 'BLOCK_JOB_ERROR' && e.data['device'] === 'en')?.data, { operation: 'write', action: 'report' });
   t.match(s.events.find((e) => e.event === 'BLOCK_JOB_COMPLETED' && e.data['device'] === 'en')?.data, { error: /./ });
+});
+
+// Regressions found by error-policy-campaign.test.ts.
+
+t.test('error actions as QEMU decides them: auto is enospc for jobs; a source out of space is judged by on-source-error', async (t) => {
+  const noSpace = new ShearError('ERR_NO_SPACE', 'full', { op: 'read', errno: 'ENOSPC' });
+  const eio = new ShearError('ERR_COPY_READ_FAILED', 'eio', { op: 'read', errno: 'EIO' });
+  t.same(['report', 'ignore', 'stop', 'enospc', 'auto'].map((p) => errorAction(p as BlockdevOnError, noSpace)), ['report', 'ignore', 'stop', 'stop', 'stop']);
+  t.same(['report', 'ignore', 'stop', 'enospc', 'auto'].map((p) => errorAction(p as BlockdevOnError, eio)), ['report', 'ignore', 'stop', 'report', 'report']);
+  t.equal(failedOperation(noSpace), 'read');
+  t.equal(failedOperation(new ShearError('ERR_NO_SPACE', 'full', { op: 'write', errno: 'ENOSPC' })), 'write');
+  t.equal(failedOperation(new ShearError('ERR_COPY_WRITE_FAILED', 'eio', { op: 'read' })), 'write', 'the copy engine\'s own codes decide first');
+
+  // End to end: ENOSPC while reading the source, on-source-error=auto, on-target-error=report.
+  const s = await setup();
+  s.disk.setFault({ op: 'read', nth: 2, persistent: false, errno: 'ENOSPC' });
+  const { job } = await startBackup(s, 'src', { onSourceError: 'auto', onTargetError: 'report' });
+  job.start();
+  while (job.status === 'running') await new Promise((r) => setImmediate(r));
+  t.match(s.events.find((e) => e.event === 'BLOCK_JOB_ERROR')?.data, { device: 'src', operation: 'read', action: 'stop' });
+  t.equal(job.status, 'paused');
+  if (job.status === 'paused') job.resume();
+  await job.concluded;
+  t.ok((await targetContent(s.targets[0]!)).equals(s.content), 'resumed, the backup is complete');
+});
+
+t.test('cancelling a job that an error stopped ends it as cancelled, not with the old error', async (t) => {
+  const s = await setup();
+  s.targets[0]!.setFault({ op: 'write', nth: 2, persistent: true, errno: 'ENOSPC' });
+  const { job } = await startBackup(s, 'c', { onTargetError: 'enospc' });
+  job.start();
+  while (job.status === 'running') await new Promise((r) => setImmediate(r));
+  t.equal(job.status, 'paused');
+  if (job.status === 'paused') job.cancel();
+  await job.concluded;
+  t.same(eventsOf(s, 'c').filter((e) => e.startsWith('BLOCK_JOB_')), ['BLOCK_JOB_ERROR', 'BLOCK_JOB_CANCELLED']);
+  t.equal(job.error?.code, 'ERR_ABORTED');
+});
+
+t.test("a failed 'always' backup keeps the clusters a guest write's copy still held when the job ended", async (t) => {
+  const s = await setup();
+  const tg = s.targets[0]!;
+  s.src.bitmaps.add({ name: 'b0', granularity: C });
+  await s.guest.write(3 * C, randomBytes(10));
+  let open1!: () => void;
+  let open2!: () => void;
+  tg.gate = new Promise<void>((r) => (open1 = r));
+  tg.setFault({ op: 'write', nth: 1, persistent: true, errno: 'ENOSPC' });
+  const { job } = await startBackup(s, 'a', { sync: 'bitmap', bitmap: 'b0', bitmapMode: 'always', maxChunk: C });
+  job.start();
+  while (tg.inFlight === 0) await new Promise((r) => setImmediate(r)); // the copy of cluster 3 waits at the gate
+  // The guest writes cluster 3: its copy-before-write waits for the background copy...
+  const write = s.guest.write(3 * C, randomBytes(10)).then(() => 'ok', (e: ShearError) => e.code);
+  await new Promise((r) => setImmediate(r));
+  // ...which fails (the target is full); the guest's copy takes cluster 3 over and waits in turn.
+  tg.gate = new Promise<void>((r) => (open2 = r));
+  open1();
+  while (job.status === 'running') await new Promise((r) => setImmediate(r));
+  open2();
+  await job.concluded;
+  t.equal(await write, 'ERR_CBW_FAILED', 'the guest write failed with its copy');
+  t.same(s.src.bitmaps.get('b0').bits.countBits(), 1, 'cluster 3 was never copied nor written: it is still dirty');
 });

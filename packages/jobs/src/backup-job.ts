@@ -24,6 +24,8 @@ export interface BackupParams {
   discardSource?: boolean;
   onCbwError?: OnCbwError;
   cbwTimeoutSec?: number;
+  /** Events of the job's copy-before-write filter (X_SHEAR_CBW_ERROR), with the filter's name added. */
+  emit?: (event: string, data: Record<string, unknown>) => void;
 }
 
 /** What a format target offers for compressed writes (qcow2). */
@@ -58,6 +60,25 @@ export function checkBackupArgs(p: { sync: MirrorSyncMode; bitmap?: string | und
     throw bad('Cannot specify bitmap sync mode without a bitmap');
   }
   return { sync, bitmapMode };
+}
+
+/**
+ * Which side of the copy failed. The copy engine wraps I/O errors as ERR_COPY_READ_FAILED or
+ * ERR_COPY_WRITE_FAILED but passes other kinds (a full disk, a refused request) through as the
+ * driver raised them, so for those the driver's context.op says it: a source that runs out of
+ * space on a read must still be judged by on-source-error.
+ */
+export function failedOperation(e: ShearError): 'read' | 'write' {
+  if (e.code === 'ERR_COPY_READ_FAILED') return 'read';
+  if (e.code === 'ERR_COPY_WRITE_FAILED') return 'write';
+  const op = e.context?.['op'];
+  return op === 'read' || op === 'map' || op === 'block-status' ? 'read' : 'write';
+}
+
+/** QEMU's block_job_error_action: for block jobs `auto` means what `enospc` means. */
+export function errorAction(policy: BlockdevOnError, e: ShearError): 'report' | 'ignore' | 'stop' {
+  if (policy === 'enospc' || policy === 'auto') return e.kind === 'no-space' ? 'stop' : 'report';
+  return policy;
 }
 
 /**
@@ -150,6 +171,7 @@ export class BackupJob implements JobDriver {
           ...(p.onCbwError ? { onCbwError: p.onCbwError } : {}),
           ...(p.cbwTimeoutSec ? { cbwTimeoutSec: p.cbwTimeoutSec } : {}),
           ...(pool ? { pool } : {}),
+          ...(p.emit ? { onEvent: (event: string, data: Record<string, unknown>) => p.emit!(event, { node: filter.name, ...data }) } : {}),
           copy: {
             clusterBytes,
             ...(p.maxChunk ? { maxChunkBytes: Math.max(p.maxChunk, clusterBytes) } : {}),
@@ -234,6 +256,16 @@ export class BackupJob implements JobDriver {
     await this.clean();
   }
 
+  /**
+   * The fleecing cache this job fills (its copy-before-write target) or drains (its source is a
+   * point-in-time view kept in one): occupancy, spills and drains for query-jobs.
+   */
+  extraInfo(): Record<string, unknown> {
+    const view = this.#source.isOpen ? this.#source.driver : undefined;
+    const node = [this.#target, view instanceof SnapshotAccess ? view.filter.targetEdge.child : undefined].find((n) => n?.isOpen && n.driver instanceof FleecingCache);
+    return node ? { 'x-shear-cache': { node: node.name, ...(node.driver as FleecingCache).info() } } : {};
+  }
+
   get filterNode(): BlockNode {
     return this.#filter;
   }
@@ -258,15 +290,16 @@ export class BackupJob implements JobDriver {
       } catch (err) {
         if (signal.aborted) throw err;
         const e = err as ShearError;
-        const operation = e.code === 'ERR_COPY_READ_FAILED' ? 'read' : 'write';
-        const policy = operation === 'read' ? this.#onSourceError : this.#onTargetError;
-        const action = policy === 'enospc' ? (e.kind === 'no-space' ? 'stop' : 'report') : policy === 'auto' ? 'report' : policy;
+        const operation = failedOperation(e);
+        const action = errorAction(operation === 'read' ? this.#onSourceError : this.#onTargetError, e);
         job.emit('BLOCK_JOB_ERROR', { device: job.id, operation, action });
         if (action === 'report') throw err;
         if (action === 'stop') {
           job.pauseForError();
           await new Promise<void>((resolve) => this.#resumeWaiters.push(resolve));
-          if (signal.aborted) throw err;
+          // The stop action already dealt with the error: cancelling the paused job is a
+          // cancellation (BLOCK_JOB_CANCELLED, as in QEMU), not the old error reported late.
+          signal.throwIfAborted();
         } else {
           await new Promise((r) => setTimeout(r, IGNORE_RETRY_DELAY_MS));
         }
@@ -297,8 +330,16 @@ export class BackupJob implements JobDriver {
     this.#settleBitmap('success');
   }
 
-  abort(): void {
-    this.#settleBitmap(this.#job?.cancelled ? 'cancel' : 'failure');
+  async abort(): Promise<void> {
+    // A guest write still inside the filter may hold clusters in a copy-before-write task,
+    // and those are missing from the copy bitmap until the task settles: with `always` they
+    // would be lost from the bitmap. Drained, no write is inside and none can start a copy.
+    const release = await this.#filter.drain();
+    try {
+      this.#settleBitmap(this.#job?.cancelled ? 'cancel' : 'failure');
+    } finally {
+      release();
+    }
   }
 
   /** Takes the filter out again; the parents of the source go back to it. */

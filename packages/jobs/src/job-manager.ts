@@ -93,7 +93,7 @@ export class JobManager {
       const { offset, len } = j.driver.progress();
       const info: JobInfo = { id: j.id, type: j.type, status: j.status, 'current-progress': offset, 'total-progress': len };
       if (j.error && j.status === 'concluded') info.error = j.error.message;
-      return info;
+      return { ...info, ...j.driver.extraInfo?.() };
     });
   }
 
@@ -115,6 +115,7 @@ export class JobManager {
           status: j.status,
           'auto-finalize': j.autoFinalize,
           'auto-dismiss': j.autoDismiss,
+          ...j.driver.extraInfo?.(),
         };
       });
   }

@@ -20,6 +20,8 @@ export interface JobDriver {
   setSpeed?(bytesPerSec: number): void;
   /** QEMU's progress: bytes done (offset) of bytes to do (len). */
   progress(): { offset: number; len: number };
+  /** Shear's own fields for query-jobs and query-block-jobs (named `x-shear-...`). */
+  extraInfo?(): Record<string, unknown>;
   /** The node the job works on, for query-block-jobs' `device` when it differs from the id. */
   readonly device?: string;
 }

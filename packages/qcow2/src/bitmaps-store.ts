@@ -1,4 +1,4 @@
-import { ShearError, isPowerOfTwo } from '@shear/base';
+import { ShearError, crashPoint, isPowerOfTwo } from '@shear/base';
 import { SharedBitmap } from '@shear/bitmap';
 import type { Allocator } from './allocator.js';
 import { clusterImage, wordsFromData } from './bitmaps-data.js';
@@ -268,7 +268,14 @@ async function writeBitmap(ctx: BitmapContext, rc: Refcounts, alloc: Allocator, 
  * switches the header to it; finally frees `drop` (clusters nothing references any more).
  * On a failure before the switch the new clusters are given back; after it, at worst leaked.
  */
-async function commitDirectory(ctx: BitmapContext, state: BitmapState, entries: readonly Uint8Array[], fresh: number[], drop: readonly number[]): Promise<void> {
+async function commitDirectory(
+  ctx: BitmapContext,
+  state: BitmapState,
+  entries: readonly Uint8Array[],
+  fresh: number[],
+  drop: readonly number[],
+  step: (name: string) => void = () => {},
+): Promise<void> {
   const { rc, alloc } = writable(ctx, 'store bitmaps in');
   let next: BitmapsExt | null = null;
   try {
@@ -288,16 +295,20 @@ async function commitDirectory(ctx: BitmapContext, state: BitmapState, entries: 
       await ctx.file.write(offset, dir);
       next = { count: entries.length, directoryBytes: bytes, directoryOffset: offset };
     }
+    step('directory');
     // Refcounts of everything new, and its content, durable before the header points at it.
     await rc.writeBack();
     await ctx.file.flush();
+    step('refcounts');
   } catch (err) {
     await alloc.releaseNow(fresh).catch(() => undefined);
     throw err;
   }
   await switchBitmapsExt(ctx.file, ctx.clusterBytes, state.header, next);
+  step('header');
   const old = state.ext ? clusterOffsets(state.ext.directoryOffset, state.ext.directoryBytes, ctx.clusterBytes) : [];
   await release(ctx, rc, [...old, ...drop]);
+  step('freed');
 }
 
 /**
@@ -323,10 +334,15 @@ export async function storeBitmapsIn(ctx: BitmapContext, items: readonly BitmapT
     await alloc.releaseNow(fresh).catch(() => undefined);
     throw err;
   }
+  // Test-only crash points (SHEAR_CRASH_AT=bitmap-store:<step>) of a consistent store.
+  const step = (name: string) => {
+    if (!inUse) crashPoint('bitmap-store', name);
+  };
+  step('data');
   const entries = state.entries.map((e) => written.get(e.name) ?? e.raw);
   const existing = new Set(state.entries.map((e) => e.name));
   for (const b of items) if (!existing.has(b.name)) entries.push(written.get(b.name)!);
-  await commitDirectory(ctx, state, entries, fresh, drop);
+  await commitDirectory(ctx, state, entries, fresh, drop, step);
   return state.header;
 }
 

@@ -26,7 +26,7 @@ options:
 
 The daemon stops on SIGINT, SIGTERM and the QMP command quit, cancelling running jobs.`;
 
-function parseQmpAddress(spec: string): { path?: string; tcp?: { host: string; port: number } } {
+export function parseQmpAddress(spec: string): { path?: string; tcp?: { host: string; port: number } } {
   if (spec.startsWith('unix:')) return { path: spec.slice(5) };
   const m = /^tcp:(.+):(\d+)$/.exec(spec);
   if (m) return { tcp: { host: m[1]!, port: Number(m[2]) } };

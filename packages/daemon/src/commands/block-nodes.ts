@@ -5,7 +5,7 @@ import { addBlockdev, createImage } from '@shear/blockdev';
 import { formatQcow2 } from '@shear/qcow2';
 import type { JobDriver } from '@shear/jobs';
 import type { CommandRegistry } from '@shear/qmp';
-import type { DaemonContext } from '../context.js';
+import { blockdevContext, type DaemonContext } from '../context.js';
 
 /** The file a node reads from, for query output: its own or its file child's. */
 function filenameOf(node: BlockNode): string {
@@ -45,10 +45,7 @@ export function describeNode(node: BlockNode): Record<string, unknown> {
     image: { filename: file, format: node.info.name, 'virtual-size': node.length, 'dirty-flag': false },
     'dirty-bitmaps': node.bitmaps.info(),
   };
-  if (node.isOpen && node.driver instanceof FleecingCache) {
-    const st = node.driver.stats;
-    info['x-shear-cache'] = { 'ram-bytes': node.driver.ramLimit, 'ram-used': st.ramBytes, 'file-used': st.fileBytes, spills: st.spills, drained: st.drained };
-  }
+  if (node.isOpen && node.driver instanceof FleecingCache) info['x-shear-cache'] = node.driver.info();
   if (backing) {
     info['backing_file'] = filenameOf(backing);
     (info['image'] as Record<string, unknown>)['backing-filename'] = filenameOf(backing);
@@ -73,7 +70,7 @@ class CreateJob implements JobDriver {
 export function registerBlockNodeCommands(reg: CommandRegistry, ctx: DaemonContext): void {
   reg.register('blockdev-add', async (args) => {
     if (typeof args['node-name'] !== 'string') throw new ShearError('ERR_INVALID_ARGUMENT', "'node-name' must be specified for the root node");
-    const node = await addBlockdev(ctx.graph, args, { ...(ctx.allowedDirs ? { allowedDirs: ctx.allowedDirs } : {}), ...(ctx.pool ? { pool: ctx.pool } : {}) });
+    const node = await addBlockdev(ctx.graph, args, blockdevContext(ctx));
     ctx.log.info({ evt: 'node.added', node: node.name, driver: node.info.name }, 'block node added');
     return {};
   });

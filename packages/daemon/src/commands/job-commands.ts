@@ -37,6 +37,10 @@ export async function backupAction(args: Record<string, unknown>, tx: Transactio
   perf?.bool('use-copy-range', false);
   perf?.done();
   const discardSource = a.bool('discard-source', false)!;
+  // QEMU sets these only on a copy-before-write node of blockdev-add; a backup job's own
+  // filter (a fleecing job with sync=none, say) needs them as much.
+  const onCbwError = a.enumOf('x-shear-on-cbw-error', ['break-guest-write', 'break-snapshot'] as const, 'break-guest-write')!;
+  const cbwTimeoutSec = a.int('x-shear-cbw-timeout', { min: 0, fallback: 0 })!;
   a.done();
   ctx.jobs.checkNewId(jobId);
   const source = lookupNode(ctx, device);
@@ -55,6 +59,9 @@ export async function backupAction(args: Record<string, unknown>, tx: Transactio
     maxChunk,
     speed,
     discardSource,
+    onCbwError,
+    cbwTimeoutSec,
+    emit: (event, data) => ctx.emit(event, data),
   });
   let job: Job;
   try {
