@@ -1,4 +1,4 @@
-import t from 'tap';
+import t, { type Test } from 'tap';
 import { readFileSync, statSync, writeFileSync } from 'node:fs';
 import path from 'node:path';
 import { requireTools } from '@shear/testkit';
@@ -17,11 +17,14 @@ async function cacheInfo(d: DaemonHandle): Promise<CacheInfo> {
   return nodes.find((n) => n['node-name'] === 'cache')!['x-shear-cache']!;
 }
 
-t.test('fleecing cache: RAM first, spill file second, drained to the target with discard-source', async (t) => {
-  if (!requireTools(t, 'qemu-img')) return;
+/**
+ * A daemon on a 16 MiB disk of non-zero clusters (so every overwritten cluster needs
+ * preserving), a raw spill file and a raw final target beside it.
+ */
+async function setup(t: Test, seed: number) {
   const dir = t.testdir();
   const disk = path.join(dir, 'disk.raw');
-  const data = makeRawImage(disk, SIZE, 52);
+  const data = makeRawImage(disk, SIZE, seed);
   for (let o = 0; o < SIZE; o += C) if (data.subarray(o, o + C).every((b) => b === 0)) data.fill(7, o, o + C);
   writeFileSync(disk, data);
   const spill = path.join(dir, 'spill.tmp');
@@ -30,6 +33,12 @@ t.test('fleecing cache: RAM first, spill file second, drained to the target with
   qemuImg('create', '-q', '-f', 'raw', final, String(SIZE));
   const d = await startDaemon(dir, ['--blockdev', `driver=file,node-name=disk0,filename=${disk}`]);
   t.teardown(() => d.stop());
+  return { d, disk, data, spill, final };
+}
+
+t.test('fleecing cache: RAM first, spill file second, drained to the target with discard-source', async (t) => {
+  if (!requireTools(t, 'qemu-img')) return;
+  const { d, disk, spill, final } = await setup(t, 52);
   await d.cmd('x-shear-io', { node: 'disk0', command: 'read 0 4k' });
   await d.cmd('blockdev-add', { driver: 'fleecing-cache', 'node-name': 'cache', 'ram-bytes': MiB, file: { driver: 'file', filename: spill } });
   await t.rejects(d.cmd('blockdev-backup', { 'job-id': 'fleece', device: 'disk0', target: 'cache', sync: 'none', 'x-shear-cbw-timeout': -1 }), { message: /x-shear-cbw-timeout/ });
@@ -59,15 +68,7 @@ t.test('fleecing cache: RAM first, spill file second, drained to the target with
 for (const policy of ['break-guest-write', 'break-snapshot'] as const) {
   t.test(`fleecing cache full (RAM and file): on-cbw-error=${policy} is followed exactly`, async (t) => {
     if (!requireTools(t, 'qemu-img')) return;
-    const dir = t.testdir();
-    const disk = path.join(dir, 'disk.raw');
-    const data = makeRawImage(disk, SIZE, 53);
-    for (let o = 0; o < SIZE; o += C) if (data.subarray(o, o + C).every((b) => b === 0)) data.fill(7, o, o + C);
-    writeFileSync(disk, data);
-    const spill = path.join(dir, 'spill.tmp');
-    qemuImg('create', '-q', '-f', 'raw', spill, String(SIZE));
-    const d = await startDaemon(dir, ['--blockdev', `driver=file,node-name=disk0,filename=${disk}`]);
-    t.teardown(() => d.stop());
+    const { d, data, spill } = await setup(t, 53);
     // Room for 4 chunks in RAM and 4 in the file.
     await d.cmd('blockdev-add', { driver: 'fleecing-cache', 'node-name': 'cache', 'ram-bytes': 4 * C, 'file-bytes': 4 * C, file: { driver: 'file', filename: spill } });
     await d.cmd('blockdev-add', { driver: 'copy-before-write', 'node-name': 'cbw', file: 'disk0', target: 'cache', 'on-cbw-error': policy });
@@ -90,18 +91,8 @@ for (const policy of ['break-guest-write', 'break-snapshot'] as const) {
 
 t.test('full cache with cbw-timeout: guest writes wait for the drain instead of failing; events and query-jobs say so', async (t) => {
   if (!requireTools(t, 'qemu-img')) return;
-  const dir = t.testdir();
-  const disk = path.join(dir, 'disk.raw');
-  const data = makeRawImage(disk, SIZE, 54);
-  for (let o = 0; o < SIZE; o += C) if (data.subarray(o, o + C).every((b) => b === 0)) data.fill(7, o, o + C);
-  writeFileSync(disk, data);
+  const { d, data, spill, final } = await setup(t, 54);
   const snapshot = Buffer.from(data);
-  const spill = path.join(dir, 'spill.tmp');
-  qemuImg('create', '-q', '-f', 'raw', spill, String(SIZE));
-  const final = path.join(dir, 'final.raw');
-  qemuImg('create', '-q', '-f', 'raw', final, String(SIZE));
-  const d = await startDaemon(dir, ['--blockdev', `driver=file,node-name=disk0,filename=${disk}`]);
-  t.teardown(() => d.stop());
   // 16 chunks of RAM and 16 of spill file: a quarter of what the guest is about to overwrite.
   await d.cmd('blockdev-add', { driver: 'fleecing-cache', 'node-name': 'cache', 'ram-bytes': 16 * C, 'file-bytes': 16 * C, file: { driver: 'file', filename: spill } });
   await d.cmd('blockdev-add', { driver: 'copy-before-write', 'node-name': 'cbw', file: 'disk0', target: 'cache', 'on-cbw-error': 'break-guest-write', 'cbw-timeout': 30 });

@@ -1,5 +1,6 @@
 import { parseArgs } from 'node:util';
 import { ShearError } from '@shear/base';
+import type { JobInfo } from '@shear/jobs';
 import { QmpClient, type QmpEvent } from '@shear/qmp';
 import { EXIT } from '../exit-codes.js';
 import { formatBytes } from '../progress-bar.js';
@@ -20,15 +21,7 @@ options:
   --interval MS     refresh interval for --watch (default 500)`;
 
 /** query-jobs as Shear answers it: QEMU's JobInfo plus `x-shear-cache`. */
-export interface JobRow {
-  id: string;
-  type: string;
-  status: string;
-  'current-progress': number;
-  'total-progress': number;
-  error?: string;
-  'x-shear-cache'?: CacheRow;
-}
+export type JobRow = JobInfo & { 'x-shear-cache'?: CacheRow };
 
 interface CacheRow {
   node: string;
