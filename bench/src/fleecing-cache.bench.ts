@@ -4,8 +4,12 @@
 //   direct      copy-before-write straight to the slow target (a push backup),
 //   temp image  QEMU's approach: copy-before-write to a local temporary image, and a backup of
 //               the point-in-time view to the slow target (with discard-source),
-//   RAM+disk    Shear's fleecing cache: RAM first, then a local spill file, drained the same way.
-// Also the total backup time of each. One table, ratios against `direct`.
+//   RAM+disk    Shear's fleecing cache: RAM first, then a local spill file, drained the same way,
+//   small cache the same with a cache far smaller than what the guest overwrites (BENCH_SMALL_CACHE_KIB,
+//               half RAM, half file) and cbw-timeout 30 s: when it is full, writes wait for the
+//               drain to free space instead of failing.
+// Also the total backup time of each, writes that waited for cache space, writes that failed.
+// One table, ratios against `direct`.
 import { spawn, type ChildProcess } from 'node:child_process';
 import { closeSync, existsSync, ftruncateSync, mkdirSync, openSync, rmSync, writeSync } from 'node:fs';
 import path from 'node:path';
@@ -27,12 +31,13 @@ const TARGET_MBIT = Number(process.env['BENCH_TARGET_MBIT'] ?? 160); // about 20
 const WRITE_BYTES = 64 * 1024;
 const WRITES_PER_SEC = Number(process.env['BENCH_WRITE_RATE'] ?? 100);
 const CACHE_RAM_BYTES = Number(process.env['BENCH_CACHE_RAM_MIB'] ?? 64) * MiB;
+const SMALL_CACHE_BYTES = Number(process.env['BENCH_SMALL_CACHE_KIB'] ?? 1024) * 1024;
 const RUNS = Number(process.env['BENCH_RUNS'] ?? 3);
 const WRITE_SECONDS = Number(process.env['BENCH_WRITE_SECONDS'] ?? 5);
 const workDir = path.join(path.dirname(fileURLToPath(import.meta.url)), '..', '.work', 'fleecing-cache');
 const INFO = { name: 'file', childPerms: filterChildPerms };
 
-type Mode = 'direct' | 'temp image' | 'RAM+disk cache';
+type Mode = 'direct' | 'temp image' | 'RAM+disk cache' | 'small cache, waits';
 
 function sparse(file: string, bytes: number): void {
   const fd = openSync(file, 'w');
@@ -75,6 +80,8 @@ async function run(mode: Mode, pool: CopyWorkerPool) {
     let backupDone = 0;
     let drain;
     let fleeceDone: Promise<void> = Promise.resolve();
+    let cache: FleecingCache | undefined;
+    let failed = 0;
     if (mode === 'direct') {
       const job = jobs.create('backup', await BackupJob.create(g, pool, { source: disk, target: slow, sync: 'full' }));
       job.start();
@@ -88,9 +95,10 @@ async function run(mode: Mode, pool: CopyWorkerPool) {
       } else {
         sparse(path.join(workDir, 'spill.raw'), IMAGE_BYTES);
         const spill = await g.addNode({ name: 'spill', info: INFO, open: () => FileDriver.open(path.join(workDir, 'spill.raw')) });
-        local = await g.addNode({ name: 'local', info: FLEECING_CACHE_INFO, children: [{ role: 'file', node: spill }], open: async (c) => new FleecingCache({ length: IMAGE_BYTES, ramBytes: CACHE_RAM_BYTES, file: c.get('file')! }) });
+        const sizes = mode === 'small cache, waits' ? { ramBytes: SMALL_CACHE_BYTES / 2, fileBytes: SMALL_CACHE_BYTES / 2 } : { ramBytes: CACHE_RAM_BYTES };
+        local = await g.addNode({ name: 'local', info: FLEECING_CACHE_INFO, children: [{ role: 'file', node: spill }], open: async (c) => (cache = new FleecingCache({ length: IMAGE_BYTES, ...sizes, file: c.get('file')! })) });
       }
-      const fleece = jobs.create('fleece', await BackupJob.create(g, pool, { source: disk, target: local, sync: 'none', filterNodeName: 'cbw' }));
+      const fleece = jobs.create('fleece', await BackupJob.create(g, pool, { source: disk, target: local, sync: 'none', filterNodeName: 'cbw', cbwTimeoutSec: 30 }));
       fleece.start();
       const snap = await g.addNode({ name: 'snap', info: SNAPSHOT_ACCESS_INFO, children: [{ role: 'file', node: g.get('cbw') }], open: async (c) => new SnapshotAccess(c.get('file')!) });
       const job = jobs.create('drain', await BackupJob.create(g, pool, { source: snap, target: slow, sync: 'full', discardSource: true }));
@@ -112,16 +120,21 @@ async function run(mode: Mode, pool: CopyWorkerPool) {
       if (wait > 0) await new Promise((r) => setTimeout(r, wait));
       x = (Math.imul(x, 1103515245) + 12345) >>> 0;
       const w0 = performance.now();
-      await guest.write((x % (IMAGE_BYTES / WRITE_BYTES)) * WRITE_BYTES, data);
+      try {
+        await guest.write((x % (IMAGE_BYTES / WRITE_BYTES)) * WRITE_BYTES, data);
+      } catch {
+        failed++;
+      }
       latencies.push(performance.now() - w0);
     }
     await drain.concluded;
     await fleeceDone;
     if (drain.error) throw drain.error;
     const seconds = (backupDone - t0) / 1000;
+    const waits = cache?.stats.waits ?? 0;
     g.detachUser(guest);
     for (const n of ['snap', 'local', 'spill', 'slow', 'disk']) if (g.find(n)) await g.removeNode(n);
-    return { latencies, seconds };
+    return { latencies, seconds, waits, failed };
   } finally {
     kit.kill('SIGKILL');
   }
@@ -131,17 +144,21 @@ async function main() {
   mkdirSync(workDir, { recursive: true });
   const facts = machineFacts(workDir);
   printMachineFacts(facts);
-  console.log(`image ${IMAGE_BYTES / MiB} MiB; slow target: nbdkit rate filter at ${TARGET_MBIT} Mbit/s; guest: ${WRITE_BYTES / 1024} KiB writes at ${WRITES_PER_SEC}/s for up to ${WRITE_SECONDS} s; cache RAM ${CACHE_RAM_BYTES / MiB} MiB; ${RUNS} runs, medians\n`);
+  console.log(`image ${IMAGE_BYTES / MiB} MiB; slow target: nbdkit rate filter at ${TARGET_MBIT} Mbit/s; guest: ${WRITE_BYTES / 1024} KiB writes at ${WRITES_PER_SEC}/s for up to ${WRITE_SECONDS} s; cache RAM ${CACHE_RAM_BYTES / MiB} MiB (small cache ${SMALL_CACHE_BYTES / 1024} KiB); cbw-timeout 30 s; ${RUNS} runs, medians (waits and failures summed over runs)\n`);
   makeImage(path.join(workDir, 'src.raw'));
   const pool = new CopyWorkerPool();
   const rows: Row[] = [];
   try {
-    const modes: Mode[] = ['direct', 'temp image', 'RAM+disk cache'];
+    const modes: Mode[] = ['direct', 'temp image', 'RAM+disk cache', 'small cache, waits'];
     const acc = new LatencyRuns<Mode>();
+    const waited = new Map<Mode, number>();
+    const failures = new Map<Mode, number>();
     for (let r = 0; r < RUNS; r++) {
       for (const m of modes) {
-        const { latencies, seconds } = await run(m, pool);
+        const { latencies, seconds, waits, failed } = await run(m, pool);
         acc.add(m, latencies, seconds);
+        waited.set(m, (waited.get(m) ?? 0) + waits);
+        failures.set(m, (failures.get(m) ?? 0) + failed);
       }
     }
     const base = acc.summary('direct');
@@ -156,6 +173,8 @@ async function main() {
         'p99 vs direct x': a.p99 / base.p99,
         'backup s': a.extra,
         'backup time vs direct x': a.extra / base.extra,
+        'waited for space': waited.get(m) ?? 0,
+        'failed writes': failures.get(m) ?? 0,
       });
     }
   } finally {
