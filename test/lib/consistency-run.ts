@@ -141,7 +141,8 @@ export async function consistencyRound(p: ConsistencyParams): Promise<Consistenc
     await d.cmd('blockdev-del', { 'node-name': 'cache' });
   } finally {
     report.writes = await writer.stop().catch((err: Error) => {
-      report.details.push(`writer: ${err.message}`);
+      // The daemon's warnings say why a guest write failed (a refused copy-before-write, ...).
+      report.details.push(`writer: ${err.message}\ndaemon stderr (end): ${d.stderr().slice(-4000)}`);
       return 0;
     });
     await d.stop();

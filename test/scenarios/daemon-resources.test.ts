@@ -100,3 +100,20 @@ t.test('a fleecing export read through an NBD client node leaves nothing behind'
   await d.assertReleased();
   t.pass('no node, job, image descriptor or copy task left');
 });
+
+t.test('blockdev-del of a qcow2 whose last flush fails, over inline blkdebug and file nodes: everything goes', async (t) => {
+  if (!requireTools(t, 'qemu-img')) return;
+  const { d, dir } = await start(t);
+  const img = path.join(dir, 'broken.qcow2');
+  qemuImg('create', '-q', '-f', 'qcow2', img, String(SIZE));
+  // Every write from the 5th on fails: data written below is cached metadata that close must flush.
+  await d.cmd('blockdev-add', {
+    driver: 'qcow2', 'node-name': 'broken',
+    file: { driver: 'blkdebug', 'inject-error': [{ event: 'write_aio', errno: 28, state: 2 }], 'set-state': [{ event: 'write_aio', state: 1, new_state: 2 }], image: { driver: 'file', filename: img } },
+  });
+  for (let i = 0; i < 4; i++) await d.cmd('x-shear-io', { node: 'broken', command: `write -P 1 ${i * 2 * MiB} 64k` }).catch(() => {});
+  await d.cmd('blockdev-del', { 'node-name': 'broken' });
+  const r = await d.resources();
+  t.same(r.nodes, ['disk0'], 'the qcow2 node and both inline nodes below it are gone');
+  t.notOk(r.files.includes(img), 'and nothing holds the image file');
+});

@@ -101,11 +101,17 @@ export class BlockGraph {
     if (user) {
       throw new ShearError('ERR_BLOCK_NODE_IN_USE', `Cannot remove node "${name}": it is in use by ${parentName(user.parent)} as "${user.role}"`, { node: name });
     }
-    for (const e of node.childEdges) e.child.parentEdges.delete(e);
-    node.childEdges.length = 0;
+    // Closed while its edges still hold their permissions: a format node writes on close
+    // (refcounts, bitmaps, header) through every node below it, and a filter in between
+    // (blkdebug, raw) would otherwise already have lost write on its own child.
     this.#nodes.delete(name);
-    this.refreshPermissions();
-    await node.close();
+    try {
+      await node.close();
+    } finally {
+      for (const e of node.childEdges) e.child.parentEdges.delete(e);
+      node.childEdges.length = 0;
+      this.refreshPermissions();
+    }
   }
 
   /**

@@ -69,7 +69,9 @@ export class ShearDaemon {
       pool: this.pool,
       log: opts.log,
       emit: (event, data) => {
-        this.log.info({ evt: `event.${event}`, ...data }, event);
+        // A refused guest write or a lost snapshot is what an operator must not miss in the log.
+        const level = event === 'X_SHEAR_CBW_ERROR' || event === 'X_SHEAR_CACHE_WRITE_FAILED' ? 'warn' : 'info';
+        this.log[level]({ evt: `event.${event}`, ...data }, event);
         this.qmp.emit(event, data);
       },
       allowedDirs: opts.allowedDirs,

@@ -283,6 +283,15 @@ export class BlkdebugDriver implements BlockIO {
     });
   }
 
+  /** A resize goes to the image, as QEMU's blkdebug forwards truncate (a qcow2 above grows its file). */
+  truncate(length: number): Promise<void> {
+    const child = this.#child as BlockIO & { truncate?: (length: number) => Promise<void> };
+    if (typeof child.truncate !== 'function') {
+      return Promise.reject(new ShearError('ERR_NOT_IMPLEMENTED', 'Cannot resize blkdebug node: its image cannot be resized'));
+    }
+    return this.#request('resize', 0, 0, () => child.truncate!(length));
+  }
+
   /** Waits for requests in flight, then closes the child. Idempotent. */
   close(): Promise<void> {
     return this.#requests.close(() => this.#child.close());

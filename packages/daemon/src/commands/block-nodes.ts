@@ -53,6 +53,27 @@ export function describeNode(node: BlockNode): Record<string, unknown> {
   return info;
 }
 
+/**
+ * Removes the node and, all the way down, the children created inline with it (generated
+ * names) that nothing else uses any more: a qcow2 over an inline blkdebug over an inline file
+ * leaves no node, and no descriptor, behind.
+ */
+async function removeWithInlineChildren(ctx: DaemonContext, name: string): Promise<void> {
+  const node = ctx.graph.get(name);
+  const inline = node.childEdges.map((e) => e.child).filter((c) => c.name.startsWith('#'));
+  try {
+    await ctx.graph.removeNode(name);
+  } catch (err) {
+    // Refused (in use): nothing happened. Failed while closing (a last flush into a failing
+    // target): the node is gone all the same, as in QEMU, and what is below it must go too.
+    if (ctx.graph.find(name)) throw err;
+    ctx.log.warn({ evt: 'node.close-failed', node: name, err }, 'block node removed, but closing it failed');
+  }
+  for (const c of inline) {
+    if (c.parentEdges.size === 0 && ctx.graph.find(c.name)) await removeWithInlineChildren(ctx, c.name).catch(() => {});
+  }
+}
+
 /** A blockdev-create job: creates an image file, or formats a node as qcow2 (QEMU's JobType 'create'). */
 class CreateJob implements JobDriver {
   readonly type = 'create';
@@ -82,10 +103,7 @@ export function registerBlockNodeCommands(reg: CommandRegistry, ctx: DaemonConte
     const node = ctx.graph.get(name);
     // An x-shear-io writer is like a guest device on the node: it goes with the node.
     for (const e of [...node.parentEdges]) if (!('info' in e.parent) && e.parent.name.startsWith('x-shear-io:')) ctx.graph.detachUser(e);
-    // Children that were created inline with it go too when nothing else uses them.
-    const inline = node.childEdges.map((e) => e.child).filter((c) => c.name.startsWith('#'));
-    await ctx.graph.removeNode(name);
-    for (const c of inline) if (c.parentEdges.size === 0) await ctx.graph.removeNode(c.name).catch(() => {});
+    await removeWithInlineChildren(ctx, name);
     ctx.log.info({ evt: 'node.removed', node: name }, 'block node removed');
     return {};
   });
