@@ -457,7 +457,10 @@ export class BlockCopy extends EventEmitter {
       if (outcome.error.code !== 'ERR_ABORTED' && !t.cancelled) this.#stop(outcome.error);
     }
     t.req.remove();
-    this.emit(`settled:${t.id}`, outcome);
+    // A task cancelled because a discard took its whole range has nothing left to copy: whoever
+    // waits for the range (a guest write's copy-before-write) may go on, whatever the cancel
+    // made the executor report.
+    this.emit(`settled:${t.id}`, discarded ? { ok: true, copiedBytes: 0, skippedBytes: 0 } : outcome);
     this.emit('progress', this.progress);
     this.#pump();
     this.#checkIdle();

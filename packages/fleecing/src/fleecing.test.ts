@@ -213,3 +213,35 @@ t.test('cbw-timeout bounds how long a guest write waits for a slow target', asyn
   t.equal(c.cbwTimeoutSec, 45);
   await new Promise((r) => setTimeout(r, 1600)); // let the stalled copy finish before teardown
 });
+
+t.test('a guest write whose preserving copy is cancelled by a reader discarding that range succeeds: nothing is left to preserve', async (t) => {
+  // The copy is held at its first source read; the reader discards the range meanwhile (a pull
+  // with TRIM, or a drain with discard-source), which cancels the copy. The guest write used to
+  // fail with EIO then.
+  let release: (() => void) | undefined;
+  let blocked: (() => void) | undefined;
+  const source = new Hooked(new MemoryDriver({ length: 64 * C }));
+  const s = await setup(64, { source, cbw: { copy: { maxChunkBytes: 32 * C } } });
+  let gateNext = true;
+  source.hook = async (op) => {
+    if (op === 'read' && gateNext) {
+      gateNext = false;
+      blocked?.();
+      await new Promise<void>((r) => (release = r));
+    }
+  };
+  const copying = new Promise<void>((r) => (blocked = r));
+  const data = randomBytes(32 * C);
+  const write = s.guest.write(0, data);
+  await copying;
+  t.equal(await s.cbw.snapshotDiscard(0, 32 * C), 32 * C, 'the reader is done with the range');
+  release!();
+  await t.resolves(write, 'the guest write succeeds');
+  const now = Buffer.alloc(32 * C);
+  await s.guest.read(0, now);
+  t.ok(now.equals(data), 'and reached the disk');
+  await t.rejects(s.reader.read(0, Buffer.alloc(C)), { code: 'ERR_SNAPSHOT_DISCARDED' }, 'the discarded range is gone from the view');
+  const rest = Buffer.alloc(32 * C);
+  await s.reader.read(32 * C, rest);
+  t.ok(rest.equals(slice(s.original, 32 * C, 32 * C)), 'the rest of the view is intact');
+});
