@@ -404,7 +404,7 @@ t.test('closed while still starting (a client quit as soon as the socket appeare
   // The socket file appears before listen() returns; close() in that window used to miss the
   // listener, which then kept the daemon alive after quit. Forced: close as soon as the file exists.
   let forced = 0;
-  for (let attempt = 0; attempt < 20 && forced < 3; attempt++) {
+  for (let attempt = 0; attempt < 100 && forced < 3; attempt++) {
     const path = join(sockDir(t), 'qmp.sock');
     const server = new QmpServer({ path });
     let listened = false;
