@@ -55,6 +55,22 @@ async function setup(clusters: number, opts: { source?: Hooked; target?: Hooked;
   return { g, original, source, target, srcMem, cbw: cbwNode.driver as CopyBeforeWrite, guest, reader };
 }
 
+/** Holds the first read that reaches `source`: `arrived` resolves when it is held, `release` lets it go. */
+function holdFirstRead(source: Hooked) {
+  let release!: () => void;
+  let arrive!: () => void;
+  const arrived = new Promise<void>((r) => (arrive = r));
+  let gateNext = true;
+  source.hook = async (op) => {
+    if (op === 'read' && gateNext) {
+      gateNext = false;
+      arrive();
+      await new Promise<void>((r) => (release = r));
+    }
+  };
+  return { arrived, release: () => release() };
+}
+
 function slice(b: Buffer, offset: number, bytes: number) {
   return b.subarray(offset, offset + bytes);
 }
@@ -82,22 +98,12 @@ t.test('snapshot reads see the disk as it was, before and after guest writes', a
 t.test('seed 001: a snapshot read from the source and a guest write to the same cluster, forced interleaving', async (t) => {
   // The read reaches the source and stops there; the guest write arrives, copies the old data,
   // and must not write the source before the read has finished.
-  let release: (() => void) | undefined;
-  let blocked: (() => void) | undefined;
   const source = new Hooked(new MemoryDriver({ length: 4 * C }));
   const s = await setup(4, { source });
-  let gateNext = true;
-  source.hook = async (op) => {
-    if (op === 'read' && gateNext) {
-      gateNext = false;
-      blocked?.();
-      await new Promise<void>((r) => (release = r));
-    }
-  };
-  const readerArrived = new Promise<void>((r) => (blocked = r));
+  const gate = holdFirstRead(source);
   const buf = Buffer.alloc(C);
   const read = s.reader.read(C, buf);
-  await readerArrived;
+  await gate.arrived;
   let writeDone = false;
   const newData = randomBytes(C);
   const write = s.guest.write(C, newData).then(() => (writeDone = true));
@@ -107,7 +113,7 @@ t.test('seed 001: a snapshot read from the source and a guest write to the same 
   const onSource = Buffer.alloc(C);
   await source.inner.read(C, onSource);
   t.ok(onSource.equals(slice(s.original, C, C)), 'the source still holds the old data');
-  release!();
+  gate.release();
   await read;
   await write;
   t.ok(buf.equals(slice(s.original, C, C)), 'the reader got the old data');
@@ -218,24 +224,14 @@ t.test('a guest write whose preserving copy is cancelled by a reader discarding 
   // The copy is held at its first source read; the reader discards the range meanwhile (a pull
   // with TRIM, or a drain with discard-source), which cancels the copy. The guest write used to
   // fail with EIO then.
-  let release: (() => void) | undefined;
-  let blocked: (() => void) | undefined;
   const source = new Hooked(new MemoryDriver({ length: 64 * C }));
   const s = await setup(64, { source, cbw: { copy: { maxChunkBytes: 32 * C } } });
-  let gateNext = true;
-  source.hook = async (op) => {
-    if (op === 'read' && gateNext) {
-      gateNext = false;
-      blocked?.();
-      await new Promise<void>((r) => (release = r));
-    }
-  };
-  const copying = new Promise<void>((r) => (blocked = r));
+  const gate = holdFirstRead(source);
   const data = randomBytes(32 * C);
   const write = s.guest.write(0, data);
-  await copying;
+  await gate.arrived;
   t.equal(await s.cbw.snapshotDiscard(0, 32 * C), 32 * C, 'the reader is done with the range');
-  release!();
+  gate.release();
   await t.resolves(write, 'the guest write succeeds');
   const now = Buffer.alloc(32 * C);
   await s.guest.read(0, now);
