@@ -3,14 +3,14 @@
 // writes at a fixed rate through the copy-before-write filter, with no backup (baseline), with a
 // backup whose copy-before-write tasks go ahead of background tasks (Shear's lanes), and with
 // the lanes turned off (copy-before-write queued behind background work, as a FIFO would).
-import { mkdirSync, rmSync, writeFileSync, openSync, closeSync, writeSync, ftruncateSync } from 'node:fs';
+import { mkdirSync, rmSync } from 'node:fs';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { performance } from 'node:perf_hooks';
-import { randomFillSync } from 'node:crypto';
 import { BlockGraph, FileDriver, PERM_ALL, PERM_CONSISTENT_READ, PERM_WRITE, filterChildPerms } from '@shear/block';
 import { CopyWorkerPool } from '@shear/block-copy';
 import { BackupJob, JobManager } from '@shear/jobs';
+import { randomImage, sparseFile } from './lib/images.js';
 import { machineFacts, printMachineFacts } from './lib/machine.js';
 import { LatencyRuns } from './lib/measure.js';
 import { printTable, writeResults, type Row } from './lib/report.js';
@@ -22,29 +22,12 @@ const WRITES_PER_SEC = Number(process.env['BENCH_WRITE_RATE'] ?? 200);
 const RUNS = Number(process.env['BENCH_RUNS'] ?? 3);
 const workDir = path.join(path.dirname(fileURLToPath(import.meta.url)), '..', '.work', 'cbw-latency');
 
-function makeImage(file: string): void {
-  const fd = openSync(file, 'w');
-  try {
-    ftruncateSync(fd, IMAGE_BYTES);
-    const buf = Buffer.alloc(4 * MiB);
-    for (let at = 0; at < IMAGE_BYTES; at += buf.length) {
-      randomFillSync(buf);
-      writeSync(fd, buf, 0, buf.length, at);
-    }
-  } finally {
-    closeSync(fd);
-  }
-}
-
 type Mode = 'no backup' | 'backup, copy-before-write lane' | 'backup, no lanes (FIFO)';
 
 async function run(mode: Mode, pool: CopyWorkerPool): Promise<{ latencies: number[]; backupMiBps: number }> {
   const src = path.join(workDir, 'src.raw');
   const dst = path.join(workDir, 'dst.raw');
-  writeFileSync(dst, '');
-  const fd = openSync(dst, 'r+');
-  ftruncateSync(fd, IMAGE_BYTES);
-  closeSync(fd);
+  sparseFile(dst, IMAGE_BYTES);
   const g = new BlockGraph();
   const info = { name: 'file', childPerms: filterChildPerms };
   const source = await g.addNode({ name: 'src', info, open: () => FileDriver.open(src) });
@@ -102,7 +85,7 @@ async function main() {
   printMachineFacts(facts);
   mkdirSync(workDir, { recursive: true });
   console.log(`image ${IMAGE_BYTES / MiB} MiB random data; guest: ${WRITE_BYTES / 1024} KiB writes at ${WRITES_PER_SEC}/s (${(WRITES_PER_SEC * WRITE_BYTES) / MiB} MiB/s); ${RUNS} runs each, medians\n`);
-  makeImage(path.join(workDir, 'src.raw'));
+  randomImage(path.join(workDir, 'src.raw'), IMAGE_BYTES);
   const pool = new CopyWorkerPool();
   const rows: Row[] = [];
   try {

@@ -11,16 +11,16 @@
 // Also the total backup time of each, writes that waited for cache space, writes that failed.
 // One table, ratios against `direct`.
 import { spawn, type ChildProcess } from 'node:child_process';
-import { closeSync, existsSync, ftruncateSync, mkdirSync, openSync, rmSync, writeSync } from 'node:fs';
+import { existsSync, mkdirSync, rmSync } from 'node:fs';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { performance } from 'node:perf_hooks';
-import { randomFillSync } from 'node:crypto';
 import { BlockGraph, FileDriver, PERM_ALL, PERM_CONSISTENT_READ, PERM_WRITE, filterChildPerms, type BlockNode } from '@shear/block';
 import { CopyWorkerPool } from '@shear/block-copy';
 import { FLEECING_CACHE_INFO, FleecingCache, SNAPSHOT_ACCESS_INFO, SnapshotAccess } from '@shear/fleecing';
 import { BackupJob, JobManager } from '@shear/jobs';
 import { NbdClientDriver } from '@shear/nbd';
+import { randomImage, sparseFile } from './lib/images.js';
 import { machineFacts, printMachineFacts } from './lib/machine.js';
 import { LatencyRuns } from './lib/measure.js';
 import { printTable, writeResults, type Row } from './lib/report.js';
@@ -39,28 +39,8 @@ const INFO = { name: 'file', childPerms: filterChildPerms };
 
 type Mode = 'direct' | 'temp image' | 'RAM+disk cache' | 'small cache, waits';
 
-function sparse(file: string, bytes: number): void {
-  const fd = openSync(file, 'w');
-  ftruncateSync(fd, bytes);
-  closeSync(fd);
-}
-
-function makeImage(file: string): void {
-  const fd = openSync(file, 'w');
-  try {
-    ftruncateSync(fd, IMAGE_BYTES);
-    const buf = Buffer.alloc(4 * MiB);
-    for (let at = 0; at < IMAGE_BYTES; at += buf.length) {
-      randomFillSync(buf);
-      writeSync(fd, buf, 0, buf.length, at);
-    }
-  } finally {
-    closeSync(fd);
-  }
-}
-
 async function startSlowTarget(sock: string, file: string): Promise<ChildProcess> {
-  sparse(file, IMAGE_BYTES);
+  sparseFile(file, IMAGE_BYTES);
   const p = spawn('nbdkit', ['-f', '-U', sock, '--filter=rate', 'file', file, `rate=${TARGET_MBIT}M`], { stdio: 'ignore' });
   for (let i = 0; i < 100 && !existsSync(sock); i++) await new Promise((r) => setTimeout(r, 50));
   return p;
@@ -90,10 +70,10 @@ async function run(mode: Mode, pool: CopyWorkerPool) {
       // Preserve into a local target, export the point in time, back it up to the slow target.
       let local: BlockNode;
       if (mode === 'temp image') {
-        sparse(path.join(workDir, 'temp.raw'), IMAGE_BYTES);
+        sparseFile(path.join(workDir, 'temp.raw'), IMAGE_BYTES);
         local = await g.addNode({ name: 'local', info: INFO, open: () => FileDriver.open(path.join(workDir, 'temp.raw')) });
       } else {
-        sparse(path.join(workDir, 'spill.raw'), IMAGE_BYTES);
+        sparseFile(path.join(workDir, 'spill.raw'), IMAGE_BYTES);
         const spill = await g.addNode({ name: 'spill', info: INFO, open: () => FileDriver.open(path.join(workDir, 'spill.raw')) });
         const sizes = mode === 'small cache, waits' ? { ramBytes: SMALL_CACHE_BYTES / 2, fileBytes: SMALL_CACHE_BYTES / 2 } : { ramBytes: CACHE_RAM_BYTES };
         local = await g.addNode({ name: 'local', info: FLEECING_CACHE_INFO, children: [{ role: 'file', node: spill }], open: async (c) => (cache = new FleecingCache({ length: IMAGE_BYTES, ...sizes, file: c.get('file')! })) });
@@ -145,7 +125,7 @@ async function main() {
   const facts = machineFacts(workDir);
   printMachineFacts(facts);
   console.log(`image ${IMAGE_BYTES / MiB} MiB; slow target: nbdkit rate filter at ${TARGET_MBIT} Mbit/s; guest: ${WRITE_BYTES / 1024} KiB writes at ${WRITES_PER_SEC}/s for up to ${WRITE_SECONDS} s; cache RAM ${CACHE_RAM_BYTES / MiB} MiB (small cache ${SMALL_CACHE_BYTES / 1024} KiB); cbw-timeout 30 s; ${RUNS} runs, medians (waits and failures summed over runs)\n`);
-  makeImage(path.join(workDir, 'src.raw'));
+  randomImage(path.join(workDir, 'src.raw'), IMAGE_BYTES);
   const pool = new CopyWorkerPool();
   const rows: Row[] = [];
   try {

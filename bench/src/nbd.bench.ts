@@ -22,7 +22,7 @@
 // BENCH_DELAY_MS (1: nbdkit rdelay/wdelay), BENCH_WRITER_MBPS (100), BENCH_WRITER_SECONDS (3:
 // the writer-alone and filter-only windows).
 // Quick check: BENCH_IMAGE_GIB=0.25 BENCH_RUNS=1 npm run bench -- nbd
-import { closeSync, copyFileSync, existsSync, mkdirSync, mkdtempSync, openSync, readFileSync, readSync, rmSync, statSync, truncateSync, writeFileSync, writeSync } from 'node:fs';
+import { closeSync, copyFileSync, existsSync, mkdirSync, mkdtempSync, openSync, readFileSync, readSync, rmSync, statSync, writeFileSync, writeSync } from 'node:fs';
 import { execFileSync } from 'node:child_process';
 import os from 'node:os';
 import path from 'node:path';
@@ -32,7 +32,7 @@ import { benchStart, envNumber, type Cache } from './lib/bench-start.js';
 import { machineFacts, printMachineFacts, toolVersion } from './lib/machine.js';
 import { median, stat } from './lib/measure.js';
 import { printTable, writeResults, type Row } from './lib/report.js';
-import { allocatedBytes, ensureImage, freeDiskBytes, type ImageInfo } from './lib/images.js';
+import { allocatedBytes, ensureImage, freeDiskBytes, sparseFile, type ImageInfo } from './lib/images.js';
 import { CopyFailure, cachedPercent, commandLine, dropCaches, fsyncFile, runCommand, syncAll, verifyCopy, warmFile, type Verdict } from './lib/copy-runner.js';
 import { NbdBenchDaemon, type DaemonKind } from './lib/nbd-bench-daemon.js';
 import { NbdkitTarget } from './lib/nbdkit-target.js';
@@ -109,12 +109,6 @@ function busySince(t0: { idle: number; total: number }): number {
   const t1 = cpuTimes();
   const total = t1.total - t0.total;
   return total > 0 ? 100 * (1 - (t1.idle - t0.idle) / total) : NaN;
-}
-
-function sparseFile(file: string, bytes: number): void {
-  rmSync(file, { force: true });
-  writeFileSync(file, '');
-  truncateSync(file, bytes);
 }
 
 /** Puts the writer's clusters back from the pristine image (or the whole image when unknown). */

@@ -1,6 +1,7 @@
 // Test images for the copy benchmark, generated once into a work directory and reused while
 // their size and generator version match (a marker file records what was finished).
-import { closeSync, existsSync, fsyncSync, ftruncateSync, openSync, readFileSync, rmSync, statSync, statfsSync, writeFileSync, writeSync } from 'node:fs';
+import { randomFillSync } from 'node:crypto';
+import { closeSync, existsSync, fsyncSync, ftruncateSync, openSync, readFileSync, rmSync, statSync, statfsSync, truncateSync, writeFileSync, writeSync } from 'node:fs';
 import path from 'node:path';
 import { performance } from 'node:perf_hooks';
 
@@ -209,4 +210,26 @@ function writeMixed(fd: number, bytes: number): void {
 export function freeImages(dir: string): void {
   for (const kind of ['full', 'sparse', 'mixed'] as const) rmSync(imagePath(dir, kind), { force: true });
   rmSync(path.join(dir, MARKER), { force: true });
+}
+
+/** An empty file of `bytes` (all hole), replacing whatever was there. */
+export function sparseFile(file: string, bytes: number): void {
+  rmSync(file, { force: true });
+  writeFileSync(file, '');
+  truncateSync(file, bytes);
+}
+
+/** A file of `bytes` of random data, fully allocated (the disk a latency bench writes to). */
+export function randomImage(file: string, bytes: number): void {
+  const fd = openSync(file, 'w');
+  try {
+    ftruncateSync(fd, bytes);
+    const buf = Buffer.alloc(CHUNK_BYTES);
+    for (let at = 0; at < bytes; at += buf.length) {
+      randomFillSync(buf);
+      writeSync(fd, buf, 0, Math.min(buf.length, bytes - at), at);
+    }
+  } finally {
+    closeSync(fd);
+  }
 }
