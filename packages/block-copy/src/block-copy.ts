@@ -87,6 +87,8 @@ interface Task {
   /** Ranges a discard removed while the task held them: never given back. */
   discarded: [number, number][];
   cancelled: boolean;
+  /** Aborted when the task is cancelled while it runs (see ExecuteContext.signal). */
+  abort?: AbortController;
   /**
    * A batch of scattered dirty ranges inside [offset, offset + bytes), copied in one worker
    * request (incrementals: the per-request cost dominates). Only these were claimed.
@@ -341,6 +343,7 @@ export class BlockCopy extends EventEmitter {
         } else {
           t.cancelled = true;
           Atomics.store(this.#cancelWords, t.cancelIndex, 1);
+          t.abort?.abort();
         }
       }
     }
@@ -565,14 +568,19 @@ export class BlockCopy extends EventEmitter {
     this.#running.add(t);
     const bytes = taskBytes(t);
     this.#inFlightBytes += bytes;
+    // A guest waits on a small copy-before-write copy: done here, it skips the round trip to a
+    // worker thread and the queue behind background tasks there (writer p99 with the filter
+    // halved, and during a push backup 0.8x with twice the guest throughput; nbd bench, latency
+    // part). Big copies still go to the workers.
+    const inline = !this.#pool || (t.lane === 'cbw' && taskBytes(t) <= INLINE_CBW_MAX_BYTES);
+    // Only a copy run here can wait inside its target (a full fleecing cache); a worker's copy
+    // sees the cancel word.
+    if (inline) t.abort = new AbortController();
     const ctx: ExecuteContext = {
         source: this.#source,
         target: this.#target,
-        // A guest waits on a small copy-before-write copy: done here, it skips the round trip to
-        // a worker thread and the queue behind background tasks there (writer p99 with the
-        // filter halved, and during a push backup 0.8x with twice the guest throughput; nbd
-        // bench, latency part). Big copies still go to the workers.
-        pool: t.lane === 'cbw' && taskBytes(t) <= INLINE_CBW_MAX_BYTES ? undefined : this.#pool,
+        pool: inline ? undefined : this.#pool,
+        ...(t.abort ? { signal: t.abort.signal } : {}),
         chunkBytes: Math.min(DEFAULT_WORKER_CHUNK_BYTES, this.maxChunkBytes),
         // A guest write waits on copy-before-write tasks: they do not wait for writeback (and
         // what they preserve is often read back soon, by a pull), so only background copies

@@ -24,6 +24,8 @@ export interface ExecuteContext {
   targetIsZero: boolean;
   cancel: Int32Array;
   cancelIndex: number;
+  /** Aborted with the cancel word: ends waits inside the target's writes (inline copies). */
+  signal?: AbortSignal | undefined;
   /** Store whole clusters deflated (qcow2 compressed clusters), as QEMU's backup `compress`. */
   compress?: CompressTarget | undefined;
   /** Fault injection: the worker running this task dies after writing this many bytes. */
@@ -197,7 +199,7 @@ async function copyInline(ctx: ExecuteContext, offset: number, bytes: number): P
       return { ok: false, error: readError(err, offset + done, n, 'read'), doneBytes: done };
     }
     try {
-      await ctx.target.io.write(offset + done, piece);
+      await ctx.target.io.write(offset + done, piece, ctx.signal ? { signal: ctx.signal } : undefined);
     } catch (err) {
       return { ok: false, error: writeError(err, offset + done, n), doneBytes: done };
     }

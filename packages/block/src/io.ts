@@ -14,6 +14,12 @@
 export interface WriteOptions {
   /** Force unit access: the data is on stable storage when the promise resolves. */
   fua?: boolean;
+  /**
+   * The caller no longer needs the write (a copy whose range was discarded): a driver that
+   * would wait for something (a fleecing cache waiting for space) gives up with ERR_ABORTED.
+   * Drivers that do not wait ignore it.
+   */
+  signal?: AbortSignal;
 }
 
 export interface WriteZeroesOptions extends WriteOptions {

@@ -1,6 +1,6 @@
 import t from 'tap';
 import { randomBytes } from 'node:crypto';
-import { BlockGraph, MemoryDriver, PERM_ALL, PERM_CONSISTENT_READ, PERM_WRITE, filterChildPerms, type ChildEdge } from '@shear/block';
+import { BlockGraph, MemoryDriver, PERM_ALL, PERM_CONSISTENT_READ, PERM_WRITE, filterChildPerms, type ChildEdge, type WriteOptions } from '@shear/block';
 import { CBW_INFO, CopyBeforeWrite } from './copy-before-write.js';
 import { CACHE_CHUNK_BYTES as C, FLEECING_CACHE_INFO, FleecingCache, type FleecingCacheOptions } from './fleecing-cache.js';
 import { SNAPSHOT_ACCESS_INFO, SnapshotAccess } from './snapshot-access.js';
@@ -120,9 +120,9 @@ async function fleecing(chunks: number, ramChunks: number, cbwTimeoutSec: number
   await disk.write(0, original);
   let gate: Promise<void> | undefined;
   class GatedCache extends FleecingCache {
-    override async write(o: number, b: Uint8Array) {
+    override async write(o: number, b: Uint8Array, opts?: WriteOptions) {
       await gate;
-      return super.write(o, b);
+      return super.write(o, b, opts);
     }
   }
   const events: string[] = [];
@@ -190,4 +190,23 @@ t.test('a cluster discarded while its copy runs is freed from the cache once the
   await new Promise((r) => setTimeout(r, 10));
   t.equal(f.cache.stats.ramBytes, 0, 'nothing of the discarded cluster stays in the cache');
   t.notOk(f.cbw.done.get(3 * C), 'and it is not counted as preserved');
+});
+
+t.test('a write waiting for space gives up when its copy is called off: a discard of its range lets the guest write through at once', async (t) => {
+  const f = await fleecing(8, 1, 30);
+  await f.guest.write(0, chunk(0xd1));
+  const t0 = performance.now();
+  const second = f.guest.write(C, chunk(0xd2));
+  await new Promise((r) => setTimeout(r, 20));
+  t.equal(f.cache.stats.waiting, 1, 'the copy for cluster 1 waits for space');
+  // The reader is done with cluster 1: its old data is no longer needed.
+  await f.reader.discard(C, C);
+  await t.resolves(second, 'the guest write goes on');
+  t.ok(performance.now() - t0 < 5000, 'without waiting out cbw-timeout');
+  t.equal(f.cache.stats.waiting, 0);
+  t.equal(f.cache.stats.failures, 0, 'and it counts as no refused write');
+  const b = Buffer.alloc(C);
+  await f.guest.read(C, b);
+  t.ok(b.every((x) => x === 0xd2), 'the disk has the new data');
+  t.equal(f.cache.stats.ramBytes, C, 'the cache still holds only cluster 0');
 });

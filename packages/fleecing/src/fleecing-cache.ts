@@ -1,5 +1,5 @@
 import { ShearError, assertRange } from '@shear/base';
-import { filterChildPerms, type BlockIO, type BlockStatusExtent, type ChildEdge, type DriverInfo } from '@shear/block';
+import { filterChildPerms, type BlockIO, type BlockStatusExtent, type ChildEdge, type DriverInfo, type WriteOptions } from '@shear/block';
 
 export const FLEECING_CACHE_INFO: DriverInfo = { name: 'fleecing-cache', childPerms: filterChildPerms };
 export const CACHE_CHUNK_BYTES = 64 * 1024;
@@ -141,7 +141,8 @@ export class FleecingCache implements BlockIO {
     });
   }
 
-  async write(offset: number, buf: Uint8Array): Promise<void> {
+  /** `opts.signal` ends a wait for space (the copy's range was discarded meanwhile). */
+  async write(offset: number, buf: Uint8Array, opts?: WriteOptions): Promise<void> {
     assertRange(offset, buf.length, this.length, 'cache write');
     await this.#pieces(offset, buf.length, async (c, from, to, at) => {
       const size = Math.min(CACHE_CHUNK_BYTES, this.length - c * CACHE_CHUNK_BYTES);
@@ -152,7 +153,7 @@ export class FleecingCache implements BlockIO {
         await this.read(c * CACHE_CHUNK_BYTES, chunk);
         chunk.set(buf.subarray(at, at + (to - from)), from);
       }
-      await this.#store(c, chunk);
+      await this.#store(c, chunk, opts?.signal);
     });
   }
 
@@ -200,11 +201,12 @@ export class FleecingCache implements BlockIO {
     for (const wake of this.#waiters) wake();
   }
 
-  async #store(c: number, chunk: Uint8Array): Promise<void> {
+  async #store(c: number, chunk: Uint8Array, signal?: AbortSignal): Promise<void> {
     const deadline = performance.now() + this.spaceWaitMs;
     let waited = false;
     for (;;) {
       if (this.#closed) throw new ShearError('ERR_CLOSED', `Cannot preserve (${c * CACHE_CHUNK_BYTES}, ${chunk.length}): the fleecing cache is closed`);
+      if (signal?.aborted) throw new ShearError('ERR_ABORTED', `Cannot preserve (${c * CACHE_CHUNK_BYTES}, ${chunk.length}): the write was called off`);
       if (this.#ram.has(c) || this.#ram.size * CACHE_CHUNK_BYTES + CACHE_CHUNK_BYTES <= this.ramLimit) {
         this.#ram.set(c, chunk);
         if (this.#onFile.delete(c)) await this.#file!.discard(c * CACHE_CHUNK_BYTES, chunk.length).catch(() => {});
@@ -232,7 +234,7 @@ export class FleecingCache implements BlockIO {
       if (!waited) this.#waits++;
       waited = true;
       this.#setState('full');
-      await this.#waitForSpace(left);
+      await this.#waitForSpace(left, signal);
     }
     this.#failures++;
     const why = waited ? ` and no space came free within ${Math.round(this.spaceWaitMs)} ms` : '';
@@ -244,14 +246,16 @@ export class FleecingCache implements BlockIO {
     throw new ShearError('ERR_NO_SPACE', `Cannot preserve (${c * CACHE_CHUNK_BYTES}, ${chunk.length}): the fleecing cache is full (${this.ramLimit} bytes of RAM, ${this.fileLimit} bytes of spill file)${why}`, { offset: c * CACHE_CHUNK_BYTES, bytes: chunk.length, errno: 'ENOSPC' });
   }
 
-  #waitForSpace(ms: number): Promise<void> {
+  #waitForSpace(ms: number, signal?: AbortSignal): Promise<void> {
     return new Promise((resolve) => {
       const wake = () => {
         clearTimeout(timer);
+        signal?.removeEventListener('abort', wake);
         this.#waiters.delete(wake);
         resolve();
       };
       const timer = setTimeout(wake, Math.min(ms, 2 ** 31 - 1));
+      signal?.addEventListener('abort', wake, { once: true });
       this.#waiters.add(wake);
     });
   }
