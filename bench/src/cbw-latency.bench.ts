@@ -97,16 +97,10 @@ async function main() {
         results.add(m, latencies, backupMiBps);
       }
     }
-    const base = results.summary('no backup');
     for (const m of modes) {
       const a = results.summary(m);
       rows.push({
-        mode: m,
-        writes: a.writes,
-        'p50 ms': a.p50,
-        'p99 ms': a.p99,
-        'max ms': a.max,
-        'p99 vs no backup x': a.p99 / base.p99,
+        ...results.row(m, 'no backup'),
         'backup MiB/s': m === 'no backup' ? '-' : a.extra,
       });
     }

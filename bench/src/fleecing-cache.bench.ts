@@ -145,12 +145,7 @@ async function main() {
     for (const m of modes) {
       const a = acc.summary(m);
       rows.push({
-        mode: m,
-        writes: a.writes,
-        'p50 ms': a.p50,
-        'p99 ms': a.p99,
-        'max ms': a.max,
-        'p99 vs direct x': a.p99 / base.p99,
+        ...acc.row(m, 'direct'),
         'backup s': a.extra,
         'backup time vs direct x': a.extra / base.extra,
         'waited for space': waited.get(m) ?? 0,

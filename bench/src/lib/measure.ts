@@ -69,4 +69,10 @@ export class LatencyRuns<M extends string> {
     if (!a) throw new Error(`no runs of mode "${mode}"`);
     return { writes: a.n, p50: median(a.p50), p99: median(a.p99), max: median(a.max), extra: median(a.extra) };
   }
+
+  /** The latency columns of a results row for `mode`, with its p99 as a ratio to `base`'s. */
+  row(mode: M, base: M): Record<string, string | number> {
+    const a = this.summary(mode);
+    return { mode, writes: a.writes, 'p50 ms': a.p50, 'p99 ms': a.p99, 'max ms': a.max, [`p99 vs ${base} x`]: a.p99 / this.summary(base).p99 };
+  }
 }
