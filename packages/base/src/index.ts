@@ -1,7 +1,6 @@
 export { ERROR_CODES, kindOf, type ErrorCode, type ErrorKind } from './error-codes.js';
 export { ShearError, isShearError, toWire, fromWire, type ErrorContext, type WireError } from './shear-error.js';
 export { KiB, MiB, GiB, TiB, isPowerOfTwo, log2Exact, alignDown, alignUp, rangesOverlap, assertRange } from './range.js';
-export { DisposableStore, type AsyncDisposableLike, type DisposableLike } from './disposable.js';
 export { throwIfAborted } from './abort.js';
 export { Transaction, inTransaction, type TransactionAction } from './transaction.js';
 export { ArgReader } from './args.js';

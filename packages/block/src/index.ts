@@ -20,7 +20,6 @@ export { checkNodeName, MAX_NODE_NAME_CHARS } from './node-name.js';
 export { FileDriver, ZERO_CHUNK_BYTES, BOUNCE_CHUNK_BYTES, BLOCK_STATUS_MAX_EXTENTS, DEFAULT_DIRECT_ALIGNMENT_BYTES, type FileDriverOptions } from './drivers/file.js';
 export { NullDriver, NULL_DEFAULT_LENGTH_BYTES, type NullDriverOptions } from './drivers/null.js';
 export { MemoryDriver, DEFAULT_MEMORY_CHUNK_BYTES, type MemoryDriverOptions } from './drivers/memory.js';
-export { runBlockIOConformance, type BlockIOFactory } from './drivers/conformance.js';
 export { BlkdebugDriver, BLKDEBUG_CHILD_PERMISSIONS, type BlkdebugOptions, type BlkdebugChildPermission } from './drivers/blkdebug.js';
 export {
   BlkdebugRuleEngine,

@@ -4,8 +4,8 @@ import { join } from 'node:path';
 import type { SharedBitmap } from '@shear/bitmap';
 import { requireTools } from '@shear/testkit';
 import { Qcow2Image, type BitmapToStore, type StoredBitmap } from './index.js';
-import { TestFileIO, backingOpener, openTestImage } from './test-file-io.js';
-import { qemuCheck } from './test-qemu.js';
+import { TestFileIO, backingOpener, openTestImage } from './test-file-io.fixture.js';
+import { qemuCheck } from './test-qemu.fixture.js';
 import { SnapshottingIO, bitmapWith, dirtyRuns, qemuBitmaps } from './bitmaps-qemu.fixture.js';
 
 const MiB = 1024 * 1024;

@@ -3,8 +3,8 @@ import { copyFileSync } from 'node:fs';
 import { SharedBitmap } from '@shear/bitmap';
 import type { BlockStatusExtent, WriteOptions, WriteZeroesOptions } from '@shear/block';
 import type { GrowableIO } from './growable-io.js';
-import type { TestFileIO } from './test-file-io.js';
-import { qemuInfo } from './test-qemu.js';
+import type { TestFileIO } from './test-file-io.fixture.js';
+import { qemuInfo } from './test-qemu.fixture.js';
 
 /** Test helpers for the bitmap tests: QEMU's view of bitmaps, bitmap builders, crash copies. */
 

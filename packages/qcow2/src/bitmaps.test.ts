@@ -5,8 +5,8 @@ import { join } from 'node:path';
 import { SharedBitmap } from '@shear/bitmap';
 import { requireTools } from '@shear/testkit';
 import { Qcow2Image, type BitmapToStore, type StoredBitmap } from './index.js';
-import { TestFileIO, openTestImage } from './test-file-io.js';
-import { qemuCheck, qemuImg, qemuInfo, qemuIo } from './test-qemu.js';
+import { TestFileIO, openTestImage } from './test-file-io.fixture.js';
+import { qemuCheck, qemuImg, qemuInfo, qemuIo } from './test-qemu.fixture.js';
 import { bitmapWith, dirtyRuns, qemuBitmaps, qemuDirtyRuns, qemuInfoStderr, sameBits } from './bitmaps-qemu.fixture.js';
 
 const KiB = 1024;

@@ -5,8 +5,8 @@ import { requireTools } from '@shear/testkit';
 import type { BlockStatusExtent, WriteOptions, WriteZeroesOptions } from '@shear/block';
 import type { GrowableIO } from './growable-io.js';
 import { Qcow2Image } from './index.js';
-import { TestFileIO } from './test-file-io.js';
-import { patternBytes, qemuCheck } from './test-qemu.js';
+import { TestFileIO } from './test-file-io.fixture.js';
+import { patternBytes, qemuCheck } from './test-qemu.fixture.js';
 
 /**
  * Copies the image file before some of the writes the image issues: each copy is what a crash

@@ -4,8 +4,8 @@ import { open } from 'node:fs/promises';
 import { join } from 'node:path';
 import { requireTools } from '@shear/testkit';
 import { Qcow2Image } from './index.js';
-import { TestFileIO, openTestImage } from './test-file-io.js';
-import { qemuCheck, qemuImg, qemuInfo, qemuIo } from './test-qemu.js';
+import { TestFileIO, openTestImage } from './test-file-io.fixture.js';
+import { qemuCheck, qemuImg, qemuInfo, qemuIo } from './test-qemu.fixture.js';
 
 const MiB = 1024 * 1024;
 

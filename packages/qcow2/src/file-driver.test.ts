@@ -4,7 +4,7 @@ import { join } from 'node:path';
 import { FileDriver } from '@shear/block';
 import { requireTools } from '@shear/testkit';
 import { Qcow2Image, type GrowableIO } from './index.js';
-import { patternBytes, qemuCheck, qemuCompare, qemuImg, qemuIo, qemuMap } from './test-qemu.js';
+import { patternBytes, qemuCheck, qemuCompare, qemuImg, qemuIo, qemuMap } from './test-qemu.fixture.js';
 
 const C = 65536;
 

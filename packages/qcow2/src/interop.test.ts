@@ -3,8 +3,8 @@ import { readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { requireTools } from '@shear/testkit';
 import { Qcow2Image } from './index.js';
-import { TestFileIO, backingOpener, openTestImage } from './test-file-io.js';
-import { mapByCluster, patternBytes, qemuCheck, qemuCompare, qemuImg, qemuInfo, qemuIo, qemuMap } from './test-qemu.js';
+import { TestFileIO, backingOpener, openTestImage } from './test-file-io.fixture.js';
+import { mapByCluster, patternBytes, qemuCheck, qemuCompare, qemuImg, qemuInfo, qemuIo, qemuMap } from './test-qemu.fixture.js';
 
 const KiB = 1024;
 const MiB = 1024 * KiB;

@@ -3,8 +3,8 @@ import { readSync, writeFileSync, writeSync } from 'node:fs';
 import { join } from 'node:path';
 import { requireTools } from '@shear/testkit';
 import { Qcow2Image, type Qcow2WriteMapping } from './index.js';
-import { TestFileIO, backingOpener, openTestImage } from './test-file-io.js';
-import { patternBytes, qemuCheck, qemuCompare, qemuImg, qemuIo } from './test-qemu.js';
+import { TestFileIO, backingOpener, openTestImage } from './test-file-io.fixture.js';
+import { patternBytes, qemuCheck, qemuCompare, qemuImg, qemuIo } from './test-qemu.fixture.js';
 
 const C = 65536;
 

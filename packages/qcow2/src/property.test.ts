@@ -4,8 +4,8 @@ import { writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { requireTools } from '@shear/testkit';
 import { Qcow2Image } from './index.js';
-import { TestFileIO } from './test-file-io.js';
-import { patternBytes, qemuCheck, qemuCompare } from './test-qemu.js';
+import { TestFileIO } from './test-file-io.fixture.js';
+import { patternBytes, qemuCheck, qemuCompare } from './test-qemu.fixture.js';
 
 const C = 4096;
 const SIZE = 64 * C + 1536; // the last cluster is short

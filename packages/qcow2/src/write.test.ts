@@ -3,8 +3,8 @@ import { statSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { requireTools } from '@shear/testkit';
 import { Qcow2Image } from './index.js';
-import { TestFileIO, openTestImage } from './test-file-io.js';
-import { patternBytes, qemuCheck, qemuCompare } from './test-qemu.js';
+import { TestFileIO, openTestImage } from './test-file-io.fixture.js';
+import { patternBytes, qemuCheck, qemuCompare } from './test-qemu.fixture.js';
 
 const KiB = 1024;
 const MiB = 1024 * KiB;

@@ -4,7 +4,7 @@ import { isShearError, type ShearError } from '@shear/base';
 import type { BlockIO, BlockStatusExtent, WriteOptions, WriteZeroesOptions } from '../io.js';
 import { BlkdebugDriver, type BlkdebugOptions } from './blkdebug.js';
 import type { BlkdebugEvent, BlkdebugInjectErrorOptions, BlkdebugIOType, BlkdebugSetStateOptions } from './blkdebug-rules.js';
-import { runBlockIOConformance } from './conformance.js';
+import { runBlockIOConformance } from '@shear/testkit';
 import { MemoryDriver } from './memory.js';
 
 const KiB = 1024;

@@ -7,8 +7,7 @@ import type { Test } from 'tap';
 import fc from 'fast-check';
 import { isShearError } from '@shear/base';
 import { loadNative, type NativeIO } from '@shear/native';
-import { haveTool } from '@shear/testkit';
-import { runBlockIOConformance } from './conformance.js';
+import { haveTool, runBlockIOConformance } from '@shear/testkit';
 import { FileDriver, ZERO_CHUNK_BYTES, type FileDriverOptions } from './file.js';
 
 const KiB = 1024;

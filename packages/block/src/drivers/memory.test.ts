@@ -1,6 +1,6 @@
 import t from 'tap';
 import fc from 'fast-check';
-import { runBlockIOConformance } from './conformance.js';
+import { runBlockIOConformance } from '@shear/testkit';
 import { MemoryDriver } from './memory.js';
 
 const KiB = 1024;

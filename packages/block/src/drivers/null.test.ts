@@ -1,7 +1,7 @@
 import t from 'tap';
 import { performance } from 'node:perf_hooks';
 import { NULL_DEFAULT_LENGTH_BYTES, NullDriver } from './null.js';
-import { runBlockIOConformance } from './conformance.js';
+import { runBlockIOConformance } from '@shear/testkit';
 
 void runBlockIOConformance(t, 'null-co', {
   open: async (_t, length) => new NullDriver({ length }),

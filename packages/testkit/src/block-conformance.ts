@@ -1,6 +1,6 @@
 import type { Test } from 'tap';
 import { alignUp, isShearError } from '@shear/base';
-import type { BlockIO, BlockStatusExtent } from '../io.js';
+import type { BlockIO, BlockStatusExtent } from '@shear/block';
 
 /**
  * How to make the node under test. The suite calls `open` once per subtest and closes what it
@@ -26,7 +26,7 @@ const MODEL_RUNS = 12;
 const MODEL_STEPS = 24;
 
 /**
- * The BlockIO contract (io.ts) as one tap suite: bounds, zero-length requests, unaligned and
+ * The BlockIO contract (packages/block/src/io.ts) as one tap suite: bounds, zero-length requests, unaligned and
  * partial-unit I/O, read-after-write, writeZeroes with and without mayUnmap, discard, block
  * status coverage and agreement with content, flush and FUA, concurrent writes into one unit,
  * typed-array views, and close. Every driver runs it with only the factory changing.
