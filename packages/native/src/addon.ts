@@ -1,12 +1,15 @@
 import { createRequire } from 'node:module';
 import { ShearError } from '@shear/base';
-import { ioError } from './errors.js';
+import { copyAction, ioError } from './errors.js';
 import type { AlignedBuffer, DirectIOAlignment, FadviseAdvice, FallocateMode, FallocateOptions, NativeIO } from './types.js';
 import {
   checkAdvice,
   checkAlignment,
-  checkFallocateMode,
+  checkCopy,
+  checkFallocate as checkFallocateArgs,
   checkFd,
+  checkFdOffset,
+  checkRange,
   checkSyncFlags,
   checkUint,
 } from './validate.js';
@@ -92,36 +95,18 @@ export function createAddonNative(binding: Binding): NativeIO {
     return keep;
   }
 
-  function checkRange(fd: number, offset: number, bytes: number): void {
-    checkFd(fd);
-    checkUint(offset, 'offset');
-    checkUint(bytes, 'byte count');
-  }
-
   function checkFallocate(fd: number, mode: FallocateMode, offset: number, bytes: number): void {
-    checkFallocateMode(mode);
-    checkRange(fd, offset, bytes);
+    checkFallocateArgs(fd, mode, offset, bytes);
     // fallocate(2) rejects a zero length with EINVAL; the callers' ranges are never empty.
     if (bytes === 0) throw new ShearError('ERR_INVALID_ARGUMENT', `Cannot ${MODE_TEXT[mode]} (${offset}, 0) in fd ${fd}: the range is empty`);
-  }
-
-  function checkCopy(fdIn: number, offsetIn: number, fdOut: number, offsetOut: number, bytes: number): void {
-    checkFd(fdIn);
-    checkFd(fdOut);
-    checkUint(offsetIn, 'offset');
-    checkUint(offsetOut, 'offset');
-    checkUint(bytes, 'byte count');
   }
 
   const fallocateAction = (fd: number, mode: FallocateMode, offset: number, bytes: number) => `${MODE_TEXT[mode]} (${offset}, ${bytes}) in fd ${fd}`;
   const syncAction = (fd: number, offset: number, bytes: number) => `sync range (${offset}, ${bytes}) of fd ${fd}`;
   const adviseAction = (fd: number, offset: number, bytes: number, advice: string) => `advise '${advice}' for (${offset}, ${bytes}) of fd ${fd}`;
-  const copyAction = (fdIn: number, offsetIn: number, fdOut: number, offsetOut: number, bytes: number) =>
-    `copy (${offsetIn}, ${bytes}) of fd ${fdIn} to offset ${offsetOut} of fd ${fdOut}`;
 
   function seek(kind: 'data' | 'hole', fd: number, offset: number): number {
-    checkFd(fd);
-    checkUint(offset, 'offset');
+    checkFdOffset(fd, offset);
     try {
       return kind === 'data' ? binding.seekData(fd, offset) : binding.seekHole(fd, offset);
     } catch (err) {

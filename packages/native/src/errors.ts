@@ -52,3 +52,8 @@ function describe(cause: unknown, name: string | undefined): string {
   if (name !== undefined && message.startsWith(`${name}: `)) return message.slice(name.length + 2);
   return message;
 }
+
+/** How an error of copyFileRange names what it failed to do, in the addon and the fallback alike. */
+export function copyAction(fdIn: number, offsetIn: number, fdOut: number, offsetOut: number, bytes: number): string {
+  return `copy (${offsetIn}, ${bytes}) of fd ${fdIn} to offset ${offsetOut} of fd ${fdOut}`;
+}

@@ -1,9 +1,9 @@
 import { read, readSync, write, writeSync } from 'node:fs';
 import { promisify } from 'node:util';
 import { ShearError } from '@shear/base';
-import { ioError } from './errors.js';
+import { copyAction, ioError } from './errors.js';
 import type { NativeIO } from './types.js';
-import { checkAdvice, checkAlignment, checkFallocateMode, checkFd, checkSyncFlags, checkUint } from './validate.js';
+import { checkAdvice, checkAlignment, checkCopy, checkFallocate, checkFd, checkFdOffset, checkRange, checkSyncFlags, checkUint } from './validate.js';
 
 /** The buffer size of the fallback's read+write copy loop. */
 export const FALLBACK_COPY_CHUNK_BYTES = 1024 * 1024;
@@ -23,21 +23,6 @@ function unsupported(what: string, reason: string): ShearError {
  * learn an address.
  */
 export function createFallbackNative(reason: string, loadError?: Error): NativeIO {
-  function checkRange(fd: number, offset: number, bytes: number): void {
-    checkFd(fd);
-    checkUint(offset, 'offset');
-    checkUint(bytes, 'byte count');
-  }
-  function checkCopy(fdIn: number, offsetIn: number, fdOut: number, offsetOut: number, bytes: number): void {
-    checkFd(fdIn);
-    checkFd(fdOut);
-    checkUint(offsetIn, 'offset');
-    checkUint(offsetOut, 'offset');
-    checkUint(bytes, 'byte count');
-  }
-  const copyAction = (fdIn: number, offsetIn: number, fdOut: number, offsetOut: number, bytes: number) =>
-    `copy (${offsetIn}, ${bytes}) of fd ${fdIn} to offset ${offsetOut} of fd ${fdOut}`;
-
   return {
     available: false,
     loadError,
@@ -45,24 +30,20 @@ export function createFallbackNative(reason: string, loadError?: Error): NativeI
     supports: { seek: false, fallocate: false, syncFileRange: false, fadvise: false, copyFileRange: false, alignedAlloc: false },
 
     seekData(fd, offset) {
-      checkFd(fd);
-      checkUint(offset, 'offset');
+      checkFdOffset(fd, offset);
       throw unsupported('seek data', reason);
     },
     seekHole(fd, offset) {
-      checkFd(fd);
-      checkUint(offset, 'offset');
+      checkFdOffset(fd, offset);
       throw unsupported('seek hole', reason);
     },
 
     fallocate(fd, mode, offset, bytes) {
-      checkFallocateMode(mode);
-      checkRange(fd, offset, bytes);
+      checkFallocate(fd, mode, offset, bytes);
       throw unsupported(`fallocate ${mode}`, reason);
     },
     async fallocateAsync(fd, mode, offset, bytes) {
-      checkFallocateMode(mode);
-      checkRange(fd, offset, bytes);
+      checkFallocate(fd, mode, offset, bytes);
       throw unsupported(`fallocate ${mode}`, reason);
     },
 

@@ -35,10 +35,35 @@ export function checkAdvice(advice: string): void {
   }
 }
 
+/** A call on one fd at `offset` (seekData, seekHole). */
+export function checkFdOffset(fd: number, offset: number): void {
+  checkFd(fd);
+  checkUint(offset, 'offset');
+}
+
+/** A call on the range (offset, bytes) of one fd (syncFileRange, fadvise, fallocate). */
+export function checkRange(fd: number, offset: number, bytes: number): void {
+  checkFdOffset(fd, offset);
+  checkUint(bytes, 'byte count');
+}
+
+export function checkCopy(fdIn: number, offsetIn: number, fdOut: number, offsetOut: number, bytes: number): void {
+  checkFd(fdIn);
+  checkFd(fdOut);
+  checkUint(offsetIn, 'offset');
+  checkUint(offsetOut, 'offset');
+  checkUint(bytes, 'byte count');
+}
+
 export const FALLOCATE_MODES = ['allocate', 'punch-hole', 'zero-range'] as const;
 
 export function checkFallocateMode(mode: string): void {
   if (!(FALLOCATE_MODES as readonly string[]).includes(mode)) {
     throw new ShearError('ERR_INVALID_ARGUMENT', `Cannot use fallocate mode '${mode}': expected one of ${FALLOCATE_MODES.join(', ')}`);
   }
+}
+
+export function checkFallocate(fd: number, mode: string, offset: number, bytes: number): void {
+  checkFallocateMode(mode);
+  checkRange(fd, offset, bytes);
 }
