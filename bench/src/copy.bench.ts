@@ -18,7 +18,7 @@ import { fileURLToPath } from 'node:url';
 import { benchStart, envNumber, type Cache } from './lib/bench-start.js';
 import { machineFacts, printMachineFacts, toolVersion } from './lib/machine.js';
 import { median, stat } from './lib/measure.js';
-import { printTable, writeResults, type Row } from './lib/report.js';
+import { printTable, writeResultsAndChart, type Row } from './lib/report.js';
 import { allocatedBytes, bytesToGenerate, ensureImage, freeDiskBytes, freeImages, type ImageInfo, type ImageKind } from './lib/images.js';
 import { CopyFailure, cachedPercent, dropCaches, fsyncFile, qsdBackup, runCommand, syncAll, timedCommand, verifyCopy, warmFile, type Timed, type Verdict } from './lib/copy-runner.js';
 import { renderChart, type BarPanel, type LineChart, type Stat } from './lib/svg-chart.js';
@@ -376,11 +376,7 @@ async function main(): Promise<number> {
     failures: failures.length,
     mismatches: mismatches.length,
   };
-  const file = writeResults('copy', results);
-  console.log(`\nresults: ${file}`);
-  const svgFile = file.replace(/\.json$/, '.svg');
-  writeFileSync(svgFile, chart({ ...results, date: new Date().toISOString() }));
-  console.log(`chart:   ${svgFile}`);
+  writeResultsAndChart('copy', results, chart);
 
   if (FREE) {
     freeImages(WORK_DIR);

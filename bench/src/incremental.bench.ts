@@ -30,7 +30,7 @@ import { fileURLToPath } from 'node:url';
 import { benchStart, envNumber, type Cache } from './lib/bench-start.js';
 import { machineFacts, printMachineFacts, toolVersion } from './lib/machine.js';
 import { median, stat } from './lib/measure.js';
-import { printTable, writeResults, type Row } from './lib/report.js';
+import { printTable, writeResultsAndChart, type Row } from './lib/report.js';
 import { allocatedBytes, ensureImage, freeDiskBytes, freeImages, type ImageInfo } from './lib/images.js';
 import { CopyFailure, cachedPercent, dropCaches, fsyncFile, syncAll, verifyCopy, warmFile, type Verdict } from './lib/copy-runner.js';
 import { BlockDaemon, DISK_NODE, EXPORT_NAME, runBackupJob, type DaemonKind } from './lib/incr-block-daemon.js';
@@ -501,11 +501,7 @@ async function main(): Promise<number> {
     mismatches: mismatches.length,
     excluded: excluded.length,
   };
-  const file = writeResults('incremental', results);
-  console.log(`\nresults: ${file}`);
-  const svgFile = file.replace(/\.json$/, '.svg');
-  writeFileSync(svgFile, chart({ ...results, date: new Date().toISOString() }));
-  console.log(`chart:   ${svgFile}`);
+  writeResultsAndChart('incremental', results, chart);
 
   if (FREE) {
     freeImages(WORK_DIR);

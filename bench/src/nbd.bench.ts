@@ -31,7 +31,7 @@ import { performance } from 'node:perf_hooks';
 import { benchStart, envNumber, type Cache } from './lib/bench-start.js';
 import { machineFacts, printMachineFacts, toolVersion } from './lib/machine.js';
 import { median, stat } from './lib/measure.js';
-import { printTable, writeResults, type Row } from './lib/report.js';
+import { printTable, writeResultsAndChart, type Row } from './lib/report.js';
 import { allocatedBytes, ensureImage, freeDiskBytes, sparseFile, type ImageInfo } from './lib/images.js';
 import { CopyFailure, cachedPercent, commandLine, dropCaches, fsyncFile, runCommand, syncAll, verifyCopy, warmFile, type Verdict } from './lib/copy-runner.js';
 import { NbdBenchDaemon, type DaemonKind } from './lib/nbd-bench-daemon.js';
@@ -698,11 +698,7 @@ async function main(): Promise<number> {
     failures: failures.length,
     mismatches: mismatches.length,
   };
-  const file = writeResults('nbd', results);
-  console.log(`\nresults: ${file}`);
-  const svgFile = file.replace(/\.json$/, '.svg');
-  writeFileSync(svgFile, chart({ ...results, date: new Date().toISOString() }));
-  console.log(`chart:   ${svgFile}`);
+  writeResultsAndChart('nbd', results, chart);
   if (failures.length || mismatches.length || !liveCheck.startsWith('live image equals')) {
     console.error(`\nnbd bench: ${mismatches.length} MISMATCHED or unverifiable, ${failures.length} FAILED (see !!!!!!!! above); ${liveCheck}`);
     return 1;

@@ -31,3 +31,15 @@ export function writeResults(name: string, data: { machine: MachineFacts; [k: st
   writeFileSync(file, JSON.stringify({ benchmark: name, date: new Date().toISOString(), ...data }, null, 2) + '\n');
   return file;
 }
+
+/**
+ * The end of the disk benches: the results as JSON (writeResults) and, beside it, the SVG drawn
+ * from the same object, so that `--chart FILE.json` (benchStart) redraws exactly this chart.
+ */
+export function writeResultsAndChart<T extends { machine: MachineFacts }>(name: string, results: T, chart: (r: T & { date: string }) => string): void {
+  const file = writeResults(name, results);
+  console.log(`\nresults: ${file}`);
+  const svgFile = file.replace(/\.json$/, '.svg');
+  writeFileSync(svgFile, chart({ ...results, date: new Date().toISOString() }));
+  console.log(`chart:   ${svgFile}`);
+}
