@@ -7,6 +7,7 @@ import type { Test } from 'tap';
 import { isShearError } from '@shear/base';
 import { loadBinding } from './addon.js';
 import { ADDON_PATH, SYNC_FILE_RANGE, loadNative, type NativeIO } from './index.js';
+import { requireNativeAddon, skipLoudly } from '@shear/testkit';
 
 const KiB = 1024;
 const MiB = 1024 * KiB;
@@ -15,21 +16,6 @@ const BAD_FD = 0x7ffffff0;
 const TMPFS_MAGIC = 0x01021994;
 
 const addon = loadNative({ forceFallback: false });
-
-/** Marks the rest of the test as skipped, where a local run's reader will see it. */
-function skipLoudly(t: Test, msg: string): void {
-  process.stderr.write(`\n!!! SKIPPING: ${msg}\n\n`);
-  t.pass(msg, { skip: msg });
-}
-
-/** The addon must be built for these tests: a failure under CI, a loud skip locally. */
-function requireAddon(t: Test): boolean {
-  if (addon.available) return true;
-  const msg = `native addon not available (${addon.fallbackReason}); build it with: npm run build:addon -w @shear/native`;
-  if (process.env['CI']) t.fail(msg);
-  else skipLoudly(t, msg);
-  return false;
-}
 
 function makeFile(t: Test, name: string, content: Uint8Array, size = content.length): { path: string; fd: number } {
   const path = join(t.testdir(), name);
@@ -70,7 +56,7 @@ async function expectShearError(t: Test, fn: () => unknown, code: string, errno?
 }
 
 t.test('the addon loads and its constants agree with the ABI values in types.ts', async (t) => {
-  if (!requireAddon(t)) return;
+  if (!requireNativeAddon(t, addon)) return;
   t.equal(addon.loadError, undefined);
   t.equal(addon.fallbackReason, undefined);
   t.same(addon.supports, { seek: true, fallocate: true, syncFileRange: true, fadvise: true, copyFileRange: true, alignedAlloc: true });
@@ -81,7 +67,7 @@ t.test('the addon loads and its constants agree with the ABI values in types.ts'
 });
 
 t.test('seekData and seekHole walk data and holes of a sparse file', async (t) => {
-  if (!requireAddon(t)) return;
+  if (!requireNativeAddon(t, addon)) return;
   const { fd } = makeFile(t, 'sparse', Buffer.alloc(0), 0);
   writeSync(fd, randomBytes(64 * KiB), 0, 64 * KiB, 0);
   writeSync(fd, randomBytes(64 * KiB), 0, 64 * KiB, MiB);
@@ -97,7 +83,7 @@ t.test('seekData and seekHole walk data and holes of a sparse file', async (t) =
 });
 
 t.test('fallocate punch-hole deallocates, reads zero, keeps the size, and seekHole finds it', async (t) => {
-  if (!requireAddon(t)) return;
+  if (!requireNativeAddon(t, addon)) return;
   const content = randomBytes(MiB);
   const { fd } = makeFile(t, 'punch', content);
   const before = fstatSync(fd);
@@ -119,7 +105,7 @@ t.test('fallocate punch-hole deallocates, reads zero, keeps the size, and seekHo
 });
 
 t.test('fallocate zero-range and allocate', async (t) => {
-  if (!requireAddon(t)) return;
+  if (!requireNativeAddon(t, addon)) return;
   const content = randomBytes(MiB);
   const { fd } = makeFile(t, 'zero', content);
   addon.fallocate(fd, 'zero-range', 4096 + 17, 100_000);
@@ -137,7 +123,7 @@ t.test('fallocate zero-range and allocate', async (t) => {
 });
 
 t.test('async variants run on the threadpool and give the same results', async (t) => {
-  if (!requireAddon(t)) return;
+  if (!requireNativeAddon(t, addon)) return;
   const content = randomBytes(MiB);
   const { fd } = makeFile(t, 'async', content);
   await addon.fallocateAsync(fd, 'punch-hole', 0, 64 * KiB);
@@ -172,12 +158,12 @@ async function copyChecks(t: Test, native: NativeIO): Promise<void> {
 }
 
 t.test('copyFileRange copies bytes between offsets (addon)', async (t) => {
-  if (!requireAddon(t)) return;
+  if (!requireNativeAddon(t, addon)) return;
   await copyChecks(t, addon);
 });
 
 t.test('errors are ShearErrors with the errno name; EOPNOTSUPP means unsupported', async (t) => {
-  if (!requireAddon(t)) return;
+  if (!requireNativeAddon(t, addon)) return;
   await expectShearError(t, () => addon.seekData(BAD_FD, 0), 'ERR_IO', 'EBADF');
   await expectShearError(t, () => addon.fallocate(BAD_FD, 'punch-hole', 0, 4096), 'ERR_IO', 'EBADF');
   await expectShearError(t, () => addon.fadvise(BAD_FD, 0, 0, 'dontneed'), 'ERR_IO', 'EBADF');
@@ -223,7 +209,7 @@ t.test('errors are ShearErrors with the errno name; EOPNOTSUPP means unsupported
 });
 
 t.test('allocAligned returns zeroed buffers at aligned addresses', async (t) => {
-  if (!requireAddon(t)) return;
+  if (!requireNativeAddon(t, addon)) return;
   for (const alignment of [512, 4096, 64 * KiB, 2 * MiB]) {
     for (const bytes of [0, 1, 4095, MiB + 7]) {
       const { buffer, aligned } = addon.allocAligned(bytes, alignment);
@@ -245,7 +231,7 @@ t.test('allocAligned returns zeroed buffers at aligned addresses', async (t) => 
 });
 
 t.test('aligned buffers work for O_DIRECT where a misaligned view fails', async (t) => {
-  if (!requireAddon(t)) return;
+  if (!requireNativeAddon(t, addon)) return;
   const content = randomBytes(64 * KiB);
   const { path } = makeFile(t, 'direct', content);
   let fd: number;
@@ -266,7 +252,7 @@ t.test('aligned buffers work for O_DIRECT where a misaligned view fails', async 
 });
 
 t.test('aligned buffers are freed with their last reference', async (t) => {
-  if (!requireAddon(t)) return;
+  if (!requireNativeAddon(t, addon)) return;
   const chunk = 64 * MiB;
   const start = process.memoryUsage().rss;
   let peak = start;
@@ -280,7 +266,7 @@ t.test('aligned buffers are freed with their last reference', async (t) => {
 });
 
 t.test('the addon loads in a worker thread', async (t) => {
-  if (!requireAddon(t)) return;
+  if (!requireNativeAddon(t, addon)) return;
   const code = `
     const { parentPort } = require('node:worker_threads');
     const b = require(${JSON.stringify(ADDON_PATH)});

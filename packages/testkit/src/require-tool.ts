@@ -22,19 +22,34 @@ interface SkippableTest {
   fail(...args: any[]): unknown;
 }
 
+/** Marks the rest of the test as skipped, where a local run's reader will see it. */
+export function skipLoudly(t: SkippableTest, msg: string): void {
+  process.stderr.write(`\n!!! SKIPPING: ${msg}\n\n`);
+  t.pass(msg, { skip: msg });
+}
+
+/** Something the test needs is missing: a failure under CI, a loud skip locally. */
+function missing(t: SkippableTest, msg: string): false {
+  if (process.env['CI']) t.fail(msg);
+  else skipLoudly(t, msg);
+  return false;
+}
+
 /**
  * Returns true when every tool is present. Otherwise fails the test under CI, or skips it with
  * a loud message locally, and returns false so the caller can return early.
  */
 export function requireTools(t: SkippableTest, ...names: string[]): boolean {
-  const missing = names.filter((n) => !haveTool(n));
-  if (missing.length === 0) return true;
-  const msg = `required tool(s) missing: ${missing.join(', ')} (run: npm run setup)`;
-  if (process.env['CI']) {
-    t.fail(msg);
-  } else {
-    process.stderr.write(`\n!!! SKIPPING: ${msg}\n\n`);
-    t.pass(msg, { skip: msg });
-  }
-  return false;
+  const absent = names.filter((n) => !haveTool(n));
+  if (absent.length === 0) return true;
+  return missing(t, `required tool(s) missing: ${absent.join(', ')} (run: npm run setup)`);
+}
+
+/**
+ * The same for the native addon (`@shear/native`'s NativeIO, passed in so that testkit does not
+ * load it): true when it is in use, else a failure under CI or a loud skip locally.
+ */
+export function requireNativeAddon(t: SkippableTest, native: { available: boolean; fallbackReason: string | undefined }): boolean {
+  if (native.available) return true;
+  return missing(t, `native addon not available (${native.fallbackReason}); build it with: npm run build:addon -w @shear/native`);
 }

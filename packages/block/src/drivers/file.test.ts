@@ -7,7 +7,7 @@ import type { Test } from 'tap';
 import fc from 'fast-check';
 import { isShearError } from '@shear/base';
 import { loadNative, type NativeIO } from '@shear/native';
-import { haveTool, runBlockIOConformance } from '@shear/testkit';
+import { haveTool, requireNativeAddon, runBlockIOConformance, skipLoudly } from '@shear/testkit';
 import { FileDriver, ZERO_CHUNK_BYTES, type FileDriverOptions } from './file.js';
 
 const KiB = 1024;
@@ -16,21 +16,6 @@ const O_DIRECT_FLAG = 0o40000; // as printed in /proc/self/fdinfo (octal flags)
 
 const addon = loadNative({ forceFallback: false });
 const fallback = loadNative({ forceFallback: true });
-
-/** Marks the rest of the test as skipped, where a local run's reader will see it. */
-function skipLoudly(t: Test, msg: string): void {
-  process.stderr.write(`\n!!! SKIPPING: ${msg}\n\n`);
-  t.pass(msg, { skip: msg });
-}
-
-/** Tests that need the addon: a failure under CI, a loud skip locally. */
-function requireAddon(t: Test): boolean {
-  if (addon.available) return true;
-  const msg = `native addon not available (${addon.fallbackReason}); build it with: npm run build:addon -w @shear/native`;
-  if (process.env['CI']) t.fail(msg);
-  else skipLoudly(t, msg);
-  return false;
-}
 
 let fileCounter = 0;
 function freshPath(t: Test, name = 'disk'): string {
@@ -61,7 +46,7 @@ void runBlockIOConformance(t, 'file, buffered, addon', fileFactory({ native: add
 void runBlockIOConformance(t, 'file, buffered, fallback', fileFactory({ native: fallback }, false));
 
 t.test('file with O_DIRECT', async (t) => {
-  if (!requireAddon(t)) return;
+  if (!requireNativeAddon(t, addon)) return;
   const refused = await directSupported(t);
   if (refused) {
     skipLoudly(t, `O_DIRECT conformance: O_DIRECT refused in the test directory: ${refused}`);
@@ -88,7 +73,7 @@ function writeSparse(path: string, size: number, runs: [number, number][]): Buff
 }
 
 t.test('blockStatus reports holes as zero and data runs as data, from SEEK_DATA/SEEK_HOLE', async (t) => {
-  if (!requireAddon(t)) return;
+  if (!requireNativeAddon(t, addon)) return;
   const path = freshPath(t);
   writeSparse(path, 4 * MiB, [
     [MiB, 256 * KiB],
@@ -116,7 +101,7 @@ t.test('without the addon everything is data', async (t) => {
 });
 
 t.test('writeZeroes: mayUnmap punches a hole, otherwise the range stays allocated', async (t) => {
-  if (!requireAddon(t)) return;
+  if (!requireNativeAddon(t, addon)) return;
   const path = freshPath(t);
   writeFileSync(path, randomBytes(4 * MiB));
   const io = await FileDriver.open(path, { native: addon });
@@ -227,7 +212,7 @@ t.test('a file shrunk behind the driver reads zeroes past its end', async (t) =>
 });
 
 t.test('O_DIRECT: the fd has O_DIRECT, unaligned length keeps its size, aligned buffers take the direct path', async (t) => {
-  if (!requireAddon(t)) return;
+  if (!requireNativeAddon(t, addon)) return;
   const refused = await directSupported(t);
   if (refused) return skipLoudly(t, `O_DIRECT refused here: ${refused}`);
   const length = MiB + 1000;
@@ -257,7 +242,7 @@ t.test('O_DIRECT: the fd has O_DIRECT, unaligned length keeps its size, aligned 
 });
 
 t.test('property (O_DIRECT, 4 KiB units): concurrent unaligned writes and zeroes match a model', async (t) => {
-  if (!requireAddon(t)) return;
+  if (!requireNativeAddon(t, addon)) return;
   const refused = await directSupported(t);
   if (refused) return skipLoudly(t, `O_DIRECT refused here: ${refused}`);
   const length = 64 * KiB + 300;
@@ -318,7 +303,7 @@ t.test('fd is usable until close; syncRange and dropCache', async (t) => {
 });
 
 t.test('dropCache empties the page cache of written-back data (fincore)', async (t) => {
-  if (!requireAddon(t)) return;
+  if (!requireNativeAddon(t, addon)) return;
   if (!haveTool('fincore')) {
     if (process.env['CI']) t.fail('fincore (util-linux) missing');
     else skipLoudly(t, 'fincore (util-linux) missing');
