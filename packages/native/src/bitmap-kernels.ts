@@ -24,12 +24,18 @@ interface KernelBinding {
   bitmapOrWords: OrWords;
 }
 
-/** Bits set in each 16-bit value: V8 has no popcount, and two table loads beat the bit tricks. */
-const POPCOUNT16 = (() => {
-  const t = new Uint8Array(65536);
-  for (let i = 1; i < 65536; i++) t[i] = t[i >>> 1]! + (i & 1);
-  return t;
-})();
+/**
+ * Bits set in each 16-bit value: V8 has no popcount, and two table loads beat the bit tricks.
+ * Built on first use: every worker thread loads this module, and few ever need the JS kernel.
+ */
+let popcount16: Uint8Array | undefined;
+function popcountTable(): Uint8Array {
+  if (!popcount16) {
+    popcount16 = new Uint8Array(65536);
+    for (let i = 1; i < 65536; i++) popcount16[i] = popcount16[i >>> 1]! + (i & 1);
+  }
+  return popcount16;
+}
 
 /**
  * The plain-JS kernel, in two passes over zero-based views: V8 compiles a loop without index
@@ -45,6 +51,7 @@ const orWordsJs: OrWords = (dst, dstIndex, src, srcIndex, count, summary, summar
 };
 
 function orCount(dst: Int32Array, src: Int32Array): number {
+  const POPCOUNT16 = popcountTable();
   let added = 0;
   for (let i = 0; i < src.length; i++) {
     const s = src[i]!;
