@@ -3,6 +3,7 @@
 // writes without summary levels or Atomics), measured in the same process.
 import { Worker } from 'node:worker_threads';
 import { SharedBitmap } from '@shear/bitmap';
+import { getBitmapKernels } from '@shear/native';
 import { machineFacts, printMachineFacts } from './lib/machine.js';
 import { median, timePerCall, timeRuns } from './lib/measure.js';
 import { printTable, writeResults, type Row } from './lib/report.js';
@@ -64,12 +65,15 @@ function row(op: string, ours: number, naive: number, extra: Row = {}) {
   rows.push({ operation: op, 'shear ms (median)': ours, 'naive ms (median)': naive, 'speedup x': naive / ours, ...extra });
 }
 
-async function benchMerge(label: string, fraction: number) {
+async function benchMerge(label: string, fraction: number, sharedTarget = false) {
   const src = filled(TiB, fraction, 42);
   // Targets are existing (memory already touched) bitmaps, emptied before each run, as a
   // merge target in a running daemon would be; first-touch page faults would otherwise
   // dominate both sides.
   const dst = SharedBitmap.create(TiB, G);
+  // A target handed to another thread takes the atomic path (an Atomics.or per changed word);
+  // one that never was, the plain word-wide pass (see SharedBitmap's class comment).
+  if (sharedTarget) void dst.handle;
   dst.set(0, TiB);
   const naiveDst = new Int32Array(src.naive.length).fill(-1);
   const ours = await timeRuns(() => dst.merge(src.shared), { runs: RUNS, setup: () => dst.clear() });
@@ -131,6 +135,7 @@ async function main() {
   await benchMerge('empty source', 0);
   await benchMerge('sparse source (0.1% dirty)', 0.001);
   await benchMerge('dense source (50% dirty)', 0.5);
+  await benchMerge('dense source, target shared with workers', 0.5, true);
   await benchFullIntoFull();
 
   const dense = filled(TiB, 0.5, 9);
@@ -146,6 +151,7 @@ async function main() {
   row('next-dirty, 64 TiB, one bit near the end', timePerCall(() => huge.nextDirty(0)), timePerCall(() => naiveNextDirty(hugeNaive, 0), 200));
 
   printTable(rows);
+  console.log(`bitmap kernels: ${getBitmapKernels().kind} (SHEAR_NATIVE=0 for the plain-JS ones)`);
 
   const scaling = await benchSetScaling(2_000_000);
   const setRows: Row[] = [

@@ -110,11 +110,12 @@ function rawCases(defaultWorkers: number): Case[] {
   cases.push(
     commandCase('qemu-img-m1', 'qemu-img convert -m 1', 'qemu', 'raw', 'qemu-img', (s, d) => ['convert', '-f', 'raw', '-O', 'raw', '-m', '1', s, d]),
     commandCase('qemu-img-m16-W', 'qemu-img convert -m 16 -W', 'qemu', 'raw', 'qemu-img', (s, d) => ['convert', '-f', 'raw', '-O', 'raw', '-m', '16', '-W', s, d]),
+    commandCase('qemu-img-m16-W-tnone', 'qemu-img convert -m 16 -W -t none', 'qemu', 'raw', 'qemu-img', (s, d) => ['convert', '-f', 'raw', '-O', 'raw', '-m', '16', '-W', '-t', 'none', s, d]),
     qsdCase('qsd-backup', 'QEMU backup job (64 workers)', 'raw', {}),
     qsdCase('qsd-backup-mw1', 'QEMU backup job max-workers=1', 'raw', { maxWorkers: 1 }),
     // A local-file destination is created and truncated by nbdcopy itself, so no --target-is-zero.
     commandCase('nbdcopy', 'nbdcopy (defaults)', 'nbd', 'raw', 'nbdcopy', (s, d) => [s, d]),
-    commandCase('cp', 'cp (auto)', 'limit', 'raw', 'cp', (s, d) => [s, d]),
+    commandCase('cp', 'cp --sparse=auto', 'limit', 'raw', 'cp', (s, d) => ['--sparse=auto', s, d]),
     commandCase('dd', 'dd bs=4M', 'limit', 'raw', 'dd', (s, d) => [`if=${s}`, `of=${d}`, 'bs=4M', 'status=none']),
   );
   return cases;
@@ -149,6 +150,8 @@ interface Measurement {
   durableSeconds?: number;
   mibPerSec?: number;
   cmdMibPerSec?: number;
+  /** Peak RSS of the copying process (GNU time) or daemon (VmHWM). */
+  peakRssBytes?: number;
   srcCachedPercent: number;
   dstAllocatedBytes?: number;
   loadavg1: number;
@@ -181,6 +184,7 @@ async function measureOnce(workload: ImageKind, image: ImageInfo, c: Case, cache
     m.mibPerSec = image.bytes / MiB / m.durableSeconds;
     m.cmdMibPerSec = image.bytes / MiB / m.cmdSeconds;
     if (t.report) m.report = t.report;
+    if (t.peakRssBytes) m.peakRssBytes = t.peakRssBytes;
     m.dstAllocatedBytes = allocatedBytes(dst);
     const v = await verifyCopy(image.path, dst, c.targetFormat);
     m.verdict = v.verdict;
@@ -326,6 +330,7 @@ async function main(): Promise<number> {
           'dst allocated': good.length ? gib(median(good.map((m) => m.dstAllocatedBytes!))) : '-',
           'src cached %': fmt(median(ms.map((m) => m.srcCachedPercent))),
           verified: `${good.length}/${ms.length}`,
+          'peak RSS MiB': fmt(Math.max(...good.map((m) => (m.peakRssBytes ?? NaN) / MiB)) || undefined),
         };
         rows.push(row);
         summary.push({ workload: w, caseId: c.id, command: c.command, ...row, medianMiBps: s?.median ?? NaN, minMiBps: s?.min ?? NaN, maxMiBps: s?.max ?? NaN });

@@ -118,6 +118,8 @@ interface Measurement {
   bitmapAfter?: 'empty' | 'NOT EMPTY' | 'unchecked';
   /** CPU seconds the copier used in the timed window (the daemon's threads, or this process for the loop). */
   cpuSeconds?: number;
+  /** The daemon's peak RSS (VmHWM before quit). */
+  peakRssBytes?: number;
   srcCachedPercent: number;
   /** Page-cache share of the image right after the timed copy. */
   srcCachedAfterPercent?: number;
@@ -205,7 +207,8 @@ async function measureDaemonCase(c: Case, ds: DataSet, cache: Cache, run: number
       }
       await d.qmp.execute('blockdev-del', { 'node-name': 'tgt' });
     } finally {
-      await d.close();
+      const peak = await d.close();
+      if (peak) m.peakRssBytes = peak;
     }
     finish(m);
     m.dstAllocatedBytes = allocatedBytes(target);

@@ -75,6 +75,8 @@ const label = (d: DaemonKind) => (d === 'shear' ? 'Shear' : 'QEMU');
 interface Measurement {
   part: Part;
   daemon: DaemonKind;
+  /** The daemon's peak RSS (VmHWM before quit). */
+  peakRssBytes?: number;
   /** pull: 'no writer' | 'writer' | 'plain export to null:'; push: 'default' | 'max-workers=1'; latency: 'alone' | 'cbw, no reader' | 'push'. */
   variant: string;
   cache: Cache;
@@ -186,7 +188,8 @@ async function measurePull(ctx: Ctx, m: Measurement, withWriter: boolean): Promi
     if (stats?.error) throw new CopyFailure(`The writer failed during the pull: ${stats.error}`);
   } finally {
     await writer?.kill();
-    await d.close();
+    const peak = await d.close();
+    if (peak) m.peakRssBytes = peak;
     if (withWriter) restoreLive(p, ctx.bytes, ctx.seed, stats);
   }
   await verify(ctx, m, p.out);
@@ -213,7 +216,8 @@ async function measureReadToNull(ctx: Ctx, m: Measurement): Promise<void> {
     m.verdict = 'n/a';
     m.ok = true;
   } finally {
-    await d.close();
+    const peak = await d.close();
+    if (peak) m.peakRssBytes = peak;
   }
 }
 
@@ -240,7 +244,8 @@ async function measurePush(ctx: Ctx, m: Measurement, maxWorkers: number | undefi
       m.jobSeconds = (job.completedAt - job.startedAt) / 1000;
       remember(ctx, `push/${m.daemon}/${m.variant}`, [nbdkit.command, d.command, ...d.log]);
     } finally {
-      await d.close();
+      const peak = await d.close();
+    if (peak) m.peakRssBytes = peak;
     }
   } finally {
     await nbdkit.stop();
@@ -302,7 +307,8 @@ async function measureLatency(ctx: Ctx, m: Measurement, mode: 'alone' | 'cbw, no
     if (stats.error) throw new CopyFailure(`The writer failed: ${stats.error}`);
   } finally {
     await writer?.kill();
-    await d.close();
+    const peak = await d.close();
+    if (peak) m.peakRssBytes = peak;
     restoreLive(p, ctx.bytes, ctx.seed, stats);
   }
   if (verifyTarget) await verify(ctx, m, p.target);

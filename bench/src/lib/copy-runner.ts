@@ -4,6 +4,7 @@ import { spawn, execFileSync, type ChildProcess } from 'node:child_process';
 import { closeSync, fsyncSync, openSync, readSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import path from 'node:path';
 import { performance } from 'node:perf_hooks';
+import { processPeakRss, withPeakRss } from './peak-rss.js';
 import { QmpClient } from './qmp-client.js';
 
 /** A copy that did not finish: the command, its exit and the end of what it printed. */
@@ -16,6 +17,8 @@ export interface Timed {
   endedAt: number;
   /** Anything the tool reported about itself (Shear's JSON summary, the job's event). */
   report?: Record<string, unknown>;
+  /** The process's peak RSS (GNU time), or the daemon's high-water mark, when known. */
+  peakRssBytes?: number;
 }
 
 export interface CommandResult { code: number | null; signal: string | null; stdout: string; stderr: string; startedAt: number; endedAt: number }
@@ -41,14 +44,19 @@ export function commandLine(cmd: string, args: string[]): string {
   return [cmd, ...args].map((a) => (/^[\w@%+=:,./-]+$/.test(a) ? a : `'${a.replace(/'/g, `'\\''`)}'`)).join(' ');
 }
 
-/** Runs a copy command and fails unless it exits 0. */
+/**
+ * Runs a copy command and fails unless it exits 0. Its peak RSS is measured with GNU time, whose
+ * own start-up (a fork and an exec, about a millisecond) falls inside the timed window.
+ */
 export async function timedCommand(cmd: string, args: string[]): Promise<Timed> {
-  const r = await runCommand(cmd, args);
+  const w = withPeakRss(cmd, args);
+  const r = await runCommand(w.cmd, w.args);
+  const peakRssBytes = w.read();
   if (r.code !== 0) {
     const tail = (r.stderr + r.stdout).trim().split('\n').slice(-8).join('\n');
     throw new CopyFailure(`${commandLine(cmd, args)} exited with ${r.code ?? r.signal}:\n${tail}`);
   }
-  return { startedAt: r.startedAt, endedAt: r.endedAt, report: lastJsonLine(r.stdout) };
+  return { startedAt: r.startedAt, endedAt: r.endedAt, report: lastJsonLine(r.stdout), ...(peakRssBytes ? { peakRssBytes } : {}) };
 }
 
 function lastJsonLine(stdout: string): Record<string, unknown> | undefined {
@@ -171,7 +179,8 @@ export async function qsdBackup(o: QsdBackupOptions): Promise<Timed> {
     }
     await qmp.execute('blockdev-del', { 'node-name': 'tgt' });
     const endedAt = performance.now();
-    return { startedAt, endedAt, report: { jobSeconds: (done.receivedAt - startedAt) / 1000, len: done.data['len'], qmp: JSON.stringify(args) } };
+    const peakRssBytes = processPeakRss(daemon.pid);
+    return { startedAt, endedAt, ...(peakRssBytes ? { peakRssBytes } : {}), report: { jobSeconds: (done.receivedAt - startedAt) / 1000, len: done.data['len'], qmp: JSON.stringify(args) } };
   } catch (err) {
     if (err instanceof CopyFailure) throw err;
     throw new CopyFailure(`QEMU backup job failed: ${(err as Error).message}${stderr ? `\nqemu-storage-daemon: ${stderr.trim()}` : ''}`);

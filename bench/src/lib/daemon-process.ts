@@ -5,6 +5,7 @@ import { spawn, type ChildProcess } from 'node:child_process';
 import { rmSync } from 'node:fs';
 import path from 'node:path';
 import { CopyFailure } from './copy-runner.js';
+import { processPeakRss } from './peak-rss.js';
 import { QmpClient } from './qmp-client.js';
 
 export type DaemonKind = 'shear' | 'qemu';
@@ -77,16 +78,24 @@ export class DaemonProcess {
     return this.child.pid;
   }
 
+  /** The daemon's peak RSS so far (VmHWM), in bytes; read it before close(). */
+  peakRssBytes(): number | undefined {
+    return processPeakRss(this.child.pid);
+  }
+
   get stderr(): string {
     return this.stderrText();
   }
 
-  async close(graceMs = 15_000): Promise<void> {
+  /** Stops the daemon; returns its peak RSS (VmHWM) as it was just before quit, when known. */
+  async close(graceMs = 15_000): Promise<number | undefined> {
+    const peak = this.peakRssBytes();
     await this.qmp.execute('quit').catch(() => {});
     this.qmp.close();
     const timer = setTimeout(() => this.child.kill('SIGKILL'), graceMs);
     await this.exited;
     clearTimeout(timer);
     for (const s of this.sockets) rmSync(s, { force: true });
+    return peak;
   }
 }

@@ -70,8 +70,9 @@ export class BlockDaemon {
   }
 
   /** Sends quit and waits for the exit; kills the daemon if it has not gone within 10 s. */
-  async close(): Promise<void> {
-    await this.proc.close(10_000);
+  /** Stops the daemon; returns its peak RSS before quit, when known. */
+  async close(): Promise<number | undefined> {
+    return this.proc.close(10_000);
   }
 }
 

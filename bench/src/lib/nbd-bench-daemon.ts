@@ -135,7 +135,8 @@ export class NbdBenchDaemon {
   }
 
   /** Sends quit and waits for the exit; kills the daemon if it has not gone within 15 s. */
-  async close(): Promise<void> {
-    await this.proc.close(15_000);
+  /** Stops the daemon; returns its peak RSS before quit, when known. */
+  async close(): Promise<number | undefined> {
+    return this.proc.close(15_000);
   }
 }

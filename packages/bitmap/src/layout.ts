@@ -6,7 +6,7 @@ import { ShearError, isPowerOfTwo, log2Exact } from '@shear/base';
  *
  * ```
  * Int32 index  0: magic   1: layout version   2: log2(granularity)   3: number of levels
- *              4,5: size in bytes (lo, hi)    6,7: bits (lo, hi)    8..15: reserved
+ *              4,5: size in bytes (lo, hi)    6,7: bits (lo, hi)    8: shared flag   9..15: reserved
  *  bytes 64..2111: 32 count shards, one BigInt64 per 64-byte cache line
  *  then: level 0 (the bits), then level 1, 2, ... (summaries), each padded to 8 bytes
  * ```
@@ -22,6 +22,11 @@ export const COUNT_SHARDS = 32;
 export const COUNT_SHARD_FIRST = 8;
 export const COUNT_SHARD_STRIDE = 8;
 export const HEADER_INT32S = 16 + COUNT_SHARDS * 16;
+/**
+ * Int32 index of the shared flag: 0 while the bitmap has never been handed to another thread
+ * (its `handle` never taken), so only its creating thread can change it; 1 for ever after.
+ */
+export const SHARED_FLAG = 8;
 
 /** The smallest and largest granularity a raw bitmap accepts (named bitmaps are stricter). */
 export const MIN_GRANULARITY_BYTES = 1;

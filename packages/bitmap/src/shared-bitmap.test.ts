@@ -131,10 +131,12 @@ t.test('SharedBitmap matches the naive model under random operation sequences', 
   let runs = 0;
   fc.assert(
     fc.property(
-      arbGeometry.chain((g) => fc.tuple(fc.constant(g), arbOps(g), fc.array(fc.nat(g.size - 1), { minLength: 3, maxLength: 6 }))),
-      ([g, ops, probes]) => {
+      arbGeometry.chain((g) => fc.tuple(fc.constant(g), arbOps(g), fc.array(fc.nat(g.size - 1), { minLength: 3, maxLength: 6 }), fc.boolean())),
+      ([g, ops, probes, shared]) => {
         runs++;
         const bm = SharedBitmap.create(g.size, g.granularity);
+        // A bitmap whose handle was taken uses the atomic paths; one never handed out the plain ones.
+        if (shared) void bm.handle;
         const model = new NaiveBitmap(g.size, g.granularity);
         for (const o of ops) apply(bm, model, o);
         const silent = { fail: (m: string) => { throw new Error(m); } };
@@ -144,6 +146,41 @@ t.test('SharedBitmap matches the naive model under random operation sequences', 
     { numRuns: 400 },
   );
   t.ok(runs >= 400, `ran ${runs} sequences`);
+});
+
+t.test('taking the handle marks a bitmap shared, in every view and for good', async (t) => {
+  const bm = SharedBitmap.create(1 << 20, 512);
+  t.equal(bm.shared, false, 'a new bitmap is not shared');
+  t.equal(bm.copy().shared, false, 'nor is a copy');
+  const attached = SharedBitmap.attach(bm.handle);
+  t.equal(bm.shared, true, 'the handle marks it');
+  t.equal(attached.shared, true, 'an attached view sees the mark');
+  bm.set(0, 4096);
+  bm.clear();
+  t.equal(attached.shared, true, 'clear does not unmark it');
+});
+
+t.test('merge and clear give the same bits, count and summaries on the plain and the atomic paths', async (t) => {
+  const size = 40_000 * 512;
+  fc.assert(
+    fc.property(fc.array(fc.nat(39_999), { maxLength: 3000 }), fc.array(fc.nat(39_999), { maxLength: 3000 }), (a, b) => {
+      const plain = SharedBitmap.create(size, 512);
+      const atomic = SharedBitmap.create(size, 512);
+      void atomic.handle;
+      const src = SharedBitmap.create(size, 512);
+      for (const bit of a) { plain.set(bit * 512, 1); atomic.set(bit * 512, 1); }
+      for (const bit of b) src.set(bit * 512, 1);
+      plain.merge(src);
+      atomic.merge(src);
+      const same = plain.checkInvariants() === null && atomic.checkInvariants() === null && plain.countBits() === atomic.countBits()
+        && Buffer.compare(Buffer.from(plain.leafWords().slice().buffer), Buffer.from(atomic.leafWords().slice().buffer)) === 0;
+      plain.clear();
+      atomic.clear();
+      return same && plain.countBits() === 0 && plain.checkInvariants() === null && atomic.checkInvariants() === null;
+    }),
+    { numRuns: 60 },
+  );
+  t.pass('60 random pairs agree');
 });
 
 t.test('copy, copyFrom and attach share or duplicate exactly as documented', async (t) => {

@@ -12,6 +12,8 @@
 #define NAPI_VERSION 8
 #include <node_api.h>
 
+#include "bitmap_kernels.h"
+
 #include <errno.h>
 #include <fcntl.h>
 #include <linux/falloc.h>
@@ -355,6 +357,7 @@ NAPI_MODULE_INIT() {
       {"copyFileRangeAsync", CopyFileRangeAsync},
       {"dioAlignment", DioAlignment},
       {"addressModulo", AddressModulo},
+      {"bitmapOrWords", BitmapOrWords},
   };
   for (size_t i = 0; i < sizeof(fns) / sizeof(fns[0]); i++) {
     if (napi_create_function(env, fns[i].name, NAPI_AUTO_LENGTH, fns[i].cb, NULL, &fn) != napi_ok) return NULL;
