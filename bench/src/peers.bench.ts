@@ -11,13 +11,13 @@
 // BENCH_DIR (bench/.work). --reuse FILE.json re-renders a saved peers result without running.
 // Quick check: BENCH_SIZE=256M BENCH_RUNS=1 BENCH_SCALE_SIZE=16G npm run bench -- peers
 import { spawn } from 'node:child_process';
-import { mkdirSync, readFileSync, writeFileSync } from 'node:fs';
+import { mkdirSync, readFileSync } from 'node:fs';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { benchStart, envNumber, type Cache } from './lib/bench-start.js';
 import { machineFacts, printMachineFacts } from './lib/machine.js';
 import { median } from './lib/measure.js';
-import { printTable, writeResults, type Row } from './lib/report.js';
+import { printTable, writeResultsAndChart, type Row } from './lib/report.js';
 import { runScale } from './lib/peers-scale.js';
 import { renderChart, type BarPanel, type Stat } from './lib/svg-chart.js';
 
@@ -296,11 +296,7 @@ async function main(): Promise<number> {
   }
   const config = { sizeBytes: SIZE, runs: RUNS, caches, parts: PARTS_ON, scaleBytes: SCALE_SIZE, scaleDataPercent: SCALE_PERCENT, workDir: WORK_DIR, wallMinutes: (Date.now() - started) / 60000 };
   const saved: Saved = { caches, table, latency, machine: facts, config };
-  const file = writeResults('peers', { ...saved, files, scaleImage, scale: results.scale?.measurements ?? [], failed });
-  console.log(`\nresults: ${file}`);
-  const svgFile = file.replace(/\.json$/, '.svg');
-  writeFileSync(svgFile, chart(saved));
-  console.log(`chart:   ${svgFile}`);
+  writeResultsAndChart('peers', { ...saved, files, scaleImage, scale: results.scale?.measurements ?? [], failed }, chart);
   if (failed.length) {
     console.error(`\npeers bench: ${failed.join('; ')}`);
     return 1;
