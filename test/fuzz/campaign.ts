@@ -72,7 +72,7 @@ export async function runCampaign(opts: CampaignOptions): Promise<CampaignResult
     const phase = async (name: string, share: number, lanes: (ctx: CampaignContext) => Promise<void>[]): Promise<void> => {
       const s = newStats(name);
       stats.push(s);
-      const ctx = new CampaignContext(env, s, findings, hangMs);
+      const ctx = new CampaignContext(env, s, findings, hangMs, log);
       const t0 = Date.now();
       const progress = setInterval(() => log(`  ${name}: ${s.inputs} inputs, ${s.violations} violations, ${s.hangs} hangs, ${s.crashes} crashes (${((Date.now() - t0) / 1000).toFixed(0)} s)`), 30_000);
       try {

@@ -12,7 +12,10 @@ export class CampaignContext {
   #index = 0;
   #crashReported = false;
 
-  constructor(env: FuzzEnv, stats: TargetStats, findings: Findings, hangMs: number) {
+  readonly #log: (line: string) => void;
+
+  constructor(env: FuzzEnv, stats: TargetStats, findings: Findings, hangMs: number, log: (line: string) => void = () => {}) {
+    this.#log = log;
     this.env = env;
     this.stats = stats;
     this.findings = findings;
@@ -27,7 +30,7 @@ export class CampaignContext {
 
   finding(f: Omit<Finding, 'target' | 'input'> & { input?: Uint8Array }): void {
     const input = f.input ? Buffer.from(f.input.subarray(0, 4096)).toString('base64') : undefined;
-    this.findings.add({ ...f, target: this.target, input }, this.stats);
+    if (this.findings.add({ ...f, target: this.target, input }, this.stats)) this.#log(`  FINDING ${this.target} ${f.what}: ${f.detail}${f.index !== undefined ? ` [input #${f.index}]` : ''}${input ? ` input(base64)=${input.slice(0, 160)}` : ''}`);
   }
 
   /**

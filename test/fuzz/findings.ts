@@ -29,7 +29,8 @@ export class Findings {
   readonly list: Finding[] = [];
   readonly #perKey = new Map<string, number>();
 
-  add(f: Finding, stats: TargetStats): void {
+  /** Counts a finding; true when it is one of the first of its kind (kept, worth printing). */
+  add(f: Finding, stats: TargetStats): boolean {
     if (f.what === 'crash') stats.crashes++;
     else if (f.what === 'hang') stats.hangs++;
     else stats.violations++;
@@ -38,6 +39,7 @@ export class Findings {
     const n = (this.#perKey.get(key) ?? 0) + 1;
     this.#perKey.set(key, n);
     if (n <= 5) this.list.push(f);
+    return n <= 5;
   }
 }
 

@@ -535,7 +535,12 @@ export async function transmissionLane(ctx: CampaignContext, rng: Prng, lane: nu
 
 /** After a successful GO or EXPORT_NAME in the handshake lane: one READ, then DISC or a hang-up. */
 export async function bindAndProbe(ctx: CampaignContext, rng: Prng, c: WireConn, name: string, structured: boolean): Promise<void> {
-  const key = (Object.keys(EXPORTS) as ExportKey[]).find((k) => EXPORTS[k].name === name)!;
+  const key = (Object.keys(EXPORTS) as ExportKey[]).find((k) => EXPORTS[k].name === name);
+  if (key === undefined) {
+    // An export a QMP input added (the empty name): its size is not ours to know, so just leave.
+    c.destroy();
+    return;
+  }
   const t = new TxConn(ctx, c, { name, size: EXPORTS[key].size, tflags: 0, structured, contexts: new Map(), fleecing: EXPORTS[key].fleecing });
   const req: Request = { flags: 0, type: READ, cookie: rng.u64(), offset: BigInt(rng.int(EXPORTS[key].size - 512)), length: 512 };
   try {
