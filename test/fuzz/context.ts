@@ -75,7 +75,12 @@ export class CampaignContext {
   /** No answer to an input in time: a hang, confirmed by a liveness probe of the daemon. */
   async hangFound(input: Uint8Array | undefined, index: number | undefined, detail: string): Promise<void> {
     const alive = await this.checkAlive(detail);
-    if (alive) this.finding({ what: 'hang', detail, input, index });
+    if (!alive) return;
+    // What the daemon was doing, for whoever reads the finding: its jobs and its copy pool.
+    const jobs = await this.env.d.cmd<{ id: string; type: string; status: string }[]>('query-jobs').catch(() => []);
+    const pool = (await this.env.d.resources().catch(() => undefined))?.pool;
+    const state = `jobs ${jobs.map((j) => `${j.id}:${j.type}:${j.status}`).join(',') || 'none'}; pool ${pool ? `${pool['in-flight']} in flight, ${pool.queued} queued` : 'none'}`;
+    this.finding({ what: 'hang', detail: `${detail} (${state})`, input, index });
   }
 
   #crash(detail: string): void {
