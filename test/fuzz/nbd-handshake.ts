@@ -277,6 +277,8 @@ export async function handshakeLane(ctx: CampaignContext, rng: Prng, budget: num
   let left = budget;
   while (left > 0 && !ctx.stopped) {
     let c: WireConn;
+    // Before connect(): the server's handshake clock starts at accept, which is after this.
+    const connectedAt = Date.now();
     try {
       c = await WireConn.open(ctx.env.nbdSock);
     } catch (err) {
@@ -285,7 +287,6 @@ export async function handshakeLane(ctx: CampaignContext, rng: Prng, budget: num
     }
     ctx.stats.connections++;
     const index = ctx.nextIndex();
-    const connectedAt = Date.now();
     let current: Step | undefined;
     try {
       const g = await within(c.read(18), ctx.hangMs);

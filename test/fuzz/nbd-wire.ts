@@ -124,12 +124,24 @@ export class WireConn {
   }
 }
 
-/** Rejects with a Timeout after ms. */
 export class Timeout extends Error {}
+
+/**
+ * Rejects with a Timeout after ms. When the timer fires, the reply may already wait in the
+ * socket (this process was starved, not the daemon): the verdict waits one turn of the event
+ * loop so pending reads run first.
+ */
 export async function within<T>(p: Promise<T>, ms: number): Promise<T> {
   let timer: NodeJS.Timeout | undefined;
+  let settled = false;
+  const tracked = p.finally(() => (settled = true));
   try {
-    return await Promise.race([p, new Promise<never>((_, reject) => (timer = setTimeout(() => reject(new Timeout(`no answer within ${ms} ms`)), ms)))]);
+    return await Promise.race([
+      tracked,
+      new Promise<never>((_, reject) => {
+        timer = setTimeout(() => setImmediate(() => setImmediate(() => settled || reject(new Timeout(`no answer within ${ms} ms`)))), ms);
+      }),
+    ]);
   } finally {
     clearTimeout(timer);
   }

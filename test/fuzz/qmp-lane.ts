@@ -177,8 +177,14 @@ export async function qmpLane(ctx: CampaignContext, rng: Prng, commands: string[
     const hangTimer = setInterval(() => {
       const p = conn.oldest;
       if (p && Date.now() - p.sentAt > ctx.hangMs) {
-        void ctx.hangFound(p.batch, p.index, 'no QMP reply within the deadline');
-        conn.hang();
+        // Pending reads first: a starved harness must not pass for a hung daemon.
+        setImmediate(() =>
+          setImmediate(() => {
+            if (conn.oldest !== p) return;
+            void ctx.hangFound(p.batch, p.index, 'no QMP reply within the deadline');
+            conn.hang();
+          }),
+        );
       }
     }, 1000);
     while (left > 0 && perConn > 0 && !conn.closed && !ctx.stopped) {
