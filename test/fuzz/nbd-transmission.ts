@@ -31,6 +31,8 @@ const ENOTSUP = 95;
 const ERRNO: Record<number, string> = { 0: 'OK', 1: 'EPERM', 5: 'EIO', 12: 'ENOMEM', 22: 'EINVAL', 28: 'ENOSPC', 75: 'EOVERFLOW', 95: 'ENOTSUP', 108: 'ESHUTDOWN' };
 
 const MAX_PAYLOAD = 32 * 1024 * 1024;
+/** The daemon's handshake deadline (DEFAULT_HANDSHAKE_TIMEOUT_MS). */
+const HANDSHAKE_LIMIT_MS = 10_000;
 /** Requests in flight per connection (the server reads up to 32 at once). */
 const WINDOW = 32;
 const U64 = (1n << 64n) - 1n;
@@ -433,9 +435,12 @@ export async function transmissionLane(ctx: CampaignContext, rng: Prng, lane: nu
   let cookie = BigInt(lane) << 56n;
   while (left > 0 && !ctx.stopped) {
     let t: TxConn;
+    const bindStarted = Date.now();
     try {
       t = await bind(ctx, key, structured, queries);
     } catch (err) {
+      // The server ends a handshake that takes over its 10 s limit; a starved lane can meet it.
+      if (err instanceof Eof && Date.now() - bindStarted >= HANDSHAKE_LIMIT_MS) continue;
       if (err instanceof TxViolation) ctx.finding({ what: 'violation', detail: `transmission setup: ${err.message}` });
       else if (err instanceof Timeout) await ctx.hangFound(undefined, undefined, `transmission setup on ${key}: ${err.message}`);
       else await ctx.connectFailed(`binding ${key}`, err);
