@@ -269,10 +269,18 @@ async function probeFormat(file: string): Promise<string> {
   }
 }
 
-/** @throws ERR_PERMISSION_DENIED when the daemon confines file names and this one is outside */
 function confine(filename: string, ctx: BlockdevContext): string {
+  return confinePath(filename, ctx.allowedDirs);
+}
+
+/**
+ * The absolute path of a file name a client gave, when it lies inside the allowed directories
+ * (every name goes when there are none). Serves blockdev-add and blockdev-create alike.
+ * @throws ERR_PERMISSION_DENIED when the daemon confines file names and this one is outside
+ */
+export function confinePath(filename: string, allowedDirs: readonly string[] | undefined): string {
   const resolved = path.resolve(filename);
-  if (ctx.allowedDirs && !ctx.allowedDirs.some((d) => resolved === path.resolve(d) || resolved.startsWith(path.resolve(d) + path.sep))) {
+  if (allowedDirs && !allowedDirs.some((d) => resolved === path.resolve(d) || resolved.startsWith(path.resolve(d) + path.sep))) {
     throw new ShearError('ERR_PERMISSION_DENIED', `Cannot open '${filename}': it is outside the directories this daemon may use`, { path: filename });
   }
   return resolved;

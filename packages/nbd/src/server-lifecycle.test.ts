@@ -69,6 +69,24 @@ t.test('maxConnections: extra connections are closed at once', async (t) => {
   d.close();
 });
 
+t.test('export ids are well formed as QEMU requires; an empty export name is fine', async (t) => {
+  // Found by the fuzz campaign: mutated ids ("f[o", "", "\fzo") were accepted; qemu-storage-daemon 7.2
+  // answers block-export-add and nbd-server-add with "Invalid block export id".
+  const disk = await makeDisk(1 * MiB, { dataChunks: [0] });
+  const s = await serve(t, disk);
+  for (const id of ['', 'f[o', "fz'", "'fzo", '\fzo', '1abc', '-x', '_x', 'a b', 'é', 'a/b']) {
+    t.throws(() => s.server.addExport({ name: `n-${id}`, id, edge: attach(disk, `e-${id}`, false), writable: false }), { code: 'ERR_INVALID_ARGUMENT', message: 'Invalid block export id' }, JSON.stringify(id));
+  }
+  t.same(s.server.listExports().map((e) => e.name), ['disk'], 'none was added');
+  s.server.addExport({ name: '', id: 'ok1', edge: attach(disk, 'ok1', false), writable: false });
+  s.server.addExport({ name: 'dotted', id: 'a-b.c_D9', edge: attach(disk, 'dotted', false), writable: false });
+  t.same(s.server.listExports().map((e) => e.name).sort(), ['', 'disk', 'dotted'], 'well-formed ids are added, the empty name included');
+  const c = await RawClient.connect(s.address);
+  await c.go('');
+  t.pass('a client reaches the export with the empty name');
+  c.close();
+});
+
 t.test('exports: duplicates refused; safe removal refused while in use; hard removal drops clients', async (t) => {
   const disk = await makeDisk(1 * MiB, { dataChunks: [0] });
   const s = await serve(t, disk);

@@ -1,7 +1,7 @@
 import { ArgReader, ShearError } from '@shear/base';
 import { FileDriver, type BlockNode } from '@shear/block';
 import { FleecingCache } from '@shear/fleecing';
-import { addBlockdev, createImage } from '@shear/blockdev';
+import { addBlockdev, confinePath, createImage } from '@shear/blockdev';
 import { formatQcow2 } from '@shear/qcow2';
 import type { JobDriver } from '@shear/jobs';
 import type { CommandRegistry } from '@shear/qmp';
@@ -125,7 +125,8 @@ export function registerBlockNodeCommands(reg: CommandRegistry, ctx: DaemonConte
     const driver = o.string('driver');
     let work: () => Promise<void>;
     if (driver === 'file') {
-      const filename = o.string('filename');
+      // --allow-dir confines the files a client creates as well as those it opens.
+      const filename = confinePath(o.string('filename'), ctx.allowedDirs);
       const size = o.int('size', { min: 0 })!;
       o.ignore('preallocation', 'nocow', 'extent-size-hint');
       o.done();

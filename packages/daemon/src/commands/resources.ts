@@ -38,8 +38,9 @@ function openFds(): { fd: number; target: string; kind: ReturnType<typeof fdKind
  * (experimental, x- prefix). Returns the open descriptors with their targets, the descriptors
  * on regular files ('files': images and their sidecars; the daemon's own code files are read
  * when loaded and closed), the kinds of active handles and requests with counts (those that
- * keep the process alive), the copy worker pool (threads, tasks in flight and queued), and the
- * nodes and jobs that explain the rest.
+ * keep the process alive), the copy worker pool (threads, tasks in flight and queued), the
+ * nodes and jobs that explain the rest, and the process's memory (RSS and V8 heap, for the
+ * fuzz campaign's before/after figures).
  */
 export function registerResourceQuery(reg: CommandRegistry, ctx: DaemonContext): void {
   reg.register('x-shear-query-resources', (args) => {
@@ -54,6 +55,7 @@ export function registerResourceQuery(reg: CommandRegistry, ctx: DaemonContext):
       pool: ctx.pool ? { workers: ctx.pool.workers, threads: ctx.pool.threads, 'in-flight': ctx.pool.inFlight, queued: ctx.pool.queued } : null,
       nodes: ctx.graph.nodes().map((n) => n.name),
       jobs: ctx.jobs.list().map((j) => j.id),
+      memory: process.memoryUsage(),
     };
   });
 }

@@ -121,9 +121,12 @@ export class NbdServer {
 
   /**
    * Adds an export (QEMU's block-export-add type=nbd / nbd-server-add).
-   * @throws ERR_NBD_EXPORT_EXISTS, ERR_CLOSED, and NbdExport's checks (ERR_INVALID_ARGUMENT, ERR_BITMAP_BUSY, ...)
+   * @throws ERR_INVALID_ARGUMENT for an id that is not well formed (a letter first, then letters,
+   *   digits, '-', '.', '_'), ERR_NBD_EXPORT_EXISTS, ERR_CLOSED, and NbdExport's checks (ERR_INVALID_ARGUMENT, ERR_BITMAP_BUSY, ...)
    */
   addExport(opts: NbdExportOptions): NbdExportInfo {
+    // QEMU's id_wellformed, with QEMU's words: scripts match on them.
+    if (opts.id !== undefined && !/^[A-Za-z][A-Za-z0-9._-]*$/.test(opts.id)) throw new ShearError('ERR_INVALID_ARGUMENT', 'Invalid block export id');
     if (this.#closing) throw new ShearError('ERR_CLOSED', `Cannot add NBD export "${opts.name}": the server is closed`);
     if (this.#exports.has(opts.name)) throw new ShearError('ERR_NBD_EXPORT_EXISTS', `Cannot add NBD export "${opts.name}": an export with this name already exists`);
     for (const e of [...this.#exports.values(), ...this.#leaving]) {
