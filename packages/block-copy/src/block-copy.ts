@@ -270,7 +270,7 @@ export class BlockCopy extends EventEmitter {
           await new Promise<void>((resolve) => this.#resumeWaiters.push(resolve));
           continue;
         }
-        if (this.copyBitmap.isEmpty()) break;
+        if (!this.#workLeft()) break;
       }
       await this.#target.io.flush();
     } finally {
@@ -628,6 +628,15 @@ export class BlockCopy extends EventEmitter {
     this.#wakeAt = Infinity;
   }
 
+  /**
+   * Whether a task can still be cut. The copy bitmap covers at least one cluster even for a
+   * zero-length copy (callers set "everything" as (0, max(1, length))), and no task can ever
+   * cover that cluster: counting it as work made run() loop on resolved promises forever.
+   */
+  #workLeft(): boolean {
+    return this.length > 0 && !this.copyBitmap.isEmpty();
+  }
+
   /** Resolves when nothing runs or waits and (while copying) no background work can start. */
   #idle(): Promise<void> {
     return new Promise((resolve) => {
@@ -638,7 +647,7 @@ export class BlockCopy extends EventEmitter {
 
   #checkIdle(): void {
     if (this.inFlightTasks > 0) return;
-    if (this.#background && !this.#failure && !this.#paused && !this.copyBitmap.isEmpty()) {
+    if (this.#background && !this.#failure && !this.#paused && this.#workLeft()) {
       // Work is left but nothing could start now (rate limit): the wake timer will pump.
       if (this.#wakeTimer) return;
       this.#pump();
