@@ -47,7 +47,8 @@ export function explainFailure(err: unknown, f: FailureFacts): unknown {
     );
   }
   if (err.kind === 'corrupt' && !err.message.includes(f.source)) {
-    return new ShearError(err.code, `Cannot back up "${f.source}": the image is corrupt: ${err.message}`, { ...err.context, path: f.source }, { cause: err });
+    const why = err.message.replace(/^Cannot [^:]*qcow2[^:]*: /, '');
+    return new ShearError(err.code, `Cannot back up "${f.source}": the image is corrupt: ${why} (see qemu-img check)`, { ...err.context, path: f.source }, { cause: err });
   }
   return err;
 }
