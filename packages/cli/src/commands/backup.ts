@@ -43,7 +43,8 @@ options:
   --single-task               one task at a time on one worker (the single-coroutine baseline)
   --force                     replace an existing target
   --json                      print one JSON summary on stdout
-  --log-level LEVEL           pino log level on stderr (default: warn)`;
+  --log-level LEVEL           pino log level on stderr (default: warn): JSON lines, or one
+                              readable line a record when stderr is a terminal`;
 
 export interface BackupSummary {
   source: string;
