@@ -109,3 +109,25 @@ t.test('log records: human-readable on a terminal, JSON otherwise', async (t) =>
   t.match(tty.stdout, /\d\d:\d\d:\d\d\.\d{3} INFO  backup: backup started evt=backup\.start /);
   t.notMatch(tty.stdout, /\{"level"/, 'no raw JSON on the terminal');
 });
+
+t.test('--retries: failed ranges are retried, logged and counted; --retries 0 fails at once', async (t) => {
+  const dir = t.testdir();
+  const src = path.join(dir, 'disk.raw');
+  execFileSync('dd', ['if=/dev/urandom', `of=${src}`, 'bs=1M', 'count=8', 'status=none']);
+  // SHEAR_KILL_WORKERS (test-only): the worker threads of the first 2 tasks exit mid-copy.
+  const env = { SHEAR_KILL_WORKERS: '2:65536' };
+  const dst = path.join(dir, 'out.raw');
+  const r = await shear(['backup', '--source', src, '--target', dst, '--json', '--max-chunk', '1M', '--workers', '2'], { env });
+  t.equal(r.code, 0, r.stderr);
+  t.match(JSON.parse(r.stdout), { retries: 2 }, 'two retries counted');
+  const warns = r.stderr.trim().split('\n').map((l) => JSON.parse(l) as { level: number; evt: string; attempt: number; of: number });
+  t.match(warns, [{ level: 40, evt: 'copy.retry', attempt: 1, of: 3 }, { level: 40, evt: 'copy.retry', attempt: 1, of: 3 }], 'each retry logged (warn)');
+  t.ok(readFileSync(dst).equals(readFileSync(src)), 'the target is exact');
+
+  const dst0 = path.join(dir, 'out0.raw');
+  const r0 = await shear(['backup', '--source', src, '--target', dst0, '--max-chunk', '1M', '--workers', '2', '--retries', '0'], { env });
+  t.equal(r0.code, 1, 'no retries: the first I/O error fails the backup');
+  t.match(r0.stderr, /worker thread stopped/);
+  t.notOk(existsSync(dst0));
+  t.same(readdirSync(dir).filter((f) => f.includes('partial')), []);
+});

@@ -99,6 +99,13 @@ function sizeOption(value: string, what: string): number {
 /** Retries of a failed range in a one-shot backup (QMP jobs have their own default). */
 const DEFAULT_CLI_RETRIES = 3;
 
+/**
+ * TEST-ONLY FAULT HOOK. SHEAR_KILL_WORKERS=<tasks>:<bytes>: the worker threads running the first
+ * <tasks> copy tasks die after writing <bytes> (a real thread exit, an I/O error to block-copy),
+ * so tests see --retries at work. Read once at module load; unset, it does nothing.
+ */
+const KILL_WORKERS = /^(\d+):(\d+)$/.exec(process.env['SHEAR_KILL_WORKERS'] ?? '');
+
 function oneOf<T extends string>(value: string | undefined, allowed: readonly T[], what: string): T | undefined {
   if (value === undefined) return undefined;
   if (!allowed.includes(value as T)) usage(`Invalid ${what} "${value}": expected ${allowed.join(' or ')}`);
@@ -281,6 +288,7 @@ export async function runBackup(argv: string[], log: Logger, signal: AbortSignal
       skipUnallocated: args.sync === 'top',
       targetIsZero: true,
       retryAttempts: args.retries,
+      ...(KILL_WORKERS ? { faultInjection: { tasks: Number(KILL_WORKERS[1]), killWorkerAfterBytes: Number(KILL_WORKERS[2]) } } : {}),
       ...(args.compress ? { compress: { clusterBytes, windowBits: 12, writeDeflated: (o: number, d: Uint8Array) => (tgt.driver as Qcow2Node).writeDeflated(o, d) } } : {}),
     });
     if (bitmap) {
