@@ -628,14 +628,9 @@ export class BlockCopy extends EventEmitter {
     this.#wakeAt = Infinity;
   }
 
-  /**
-   * Whether a task can still be cut. The copy bitmap covers at least one cluster even for a
-   * zero-length copy (callers set "everything" as (0, max(1, length))), and no task can ever
-   * cover that cluster: counting it as work made run() loop on resolved promises forever.
-   */
-  #workLeft(): boolean {
-    return this.length > 0 && !this.copyBitmap.isEmpty();
-  }
+  // A zero-length copy's bitmap still has one cluster, which no task can take: counted as work,
+  // it made run() loop on resolved promises forever, deaf to signals.
+  #workLeft = (): boolean => this.length > 0 && !this.copyBitmap.isEmpty();
 
   /** Resolves when nothing runs or waits and (while copying) no background work can start. */
   #idle(): Promise<void> {
