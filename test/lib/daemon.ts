@@ -65,7 +65,7 @@ export async function startDaemon(_dir: string, extraArgs: string[] = [], opts: 
   const exited = new Promise<number | null>((resolve) => proc.once('exit', (code) => resolve(code)));
   // Up to 60 s: a loaded machine (the whole suite beside other work) starts node slowly.
   for (let i = 0; i < 2400 && !existsSync(socket); i++) {
-    if (proc.exitCode !== null) break;
+    if (proc.exitCode !== null || proc.signalCode !== null) break;
     await new Promise((r) => setTimeout(r, 25));
   }
   if (!existsSync(socket)) {
