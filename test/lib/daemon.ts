@@ -63,9 +63,9 @@ export async function startDaemon(_dir: string, extraArgs: string[] = [], opts: 
     if (process.env['SHEAR_TEST_LOG']) process.stderr.write(d);
   });
   const exited = new Promise<number | null>((resolve) => proc.once('exit', (code) => resolve(code)));
-  // Up to 30 s: a loaded machine (the whole suite beside CPU hogs) can take that long to start node.
-  for (let i = 0; i < 1200 && !existsSync(socket); i++) {
-    if (proc.exitCode !== null) break;
+  // A hang guard only (up to 60 s): a loaded machine (the suite beside CPU hogs) starts node slowly.
+  for (let i = 0; i < 2400 && !existsSync(socket); i++) {
+    if (proc.exitCode !== null || proc.signalCode !== null) break;
     await new Promise((r) => setTimeout(r, 25));
   }
   if (!existsSync(socket)) {

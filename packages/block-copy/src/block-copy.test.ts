@@ -348,3 +348,19 @@ t.test('scattered dirty clusters are copied in batches: far fewer worker request
   t.ok(requests < dirty / 10, `${requests} worker requests for ${dirty} dirty clusters`);
   t.ok(bc.copyBitmap.isEmpty());
 });
+
+t.test('a zero-length copy finishes at once, even with "everything" set in its copy bitmap', async (t) => {
+  const src = new MemoryDriver({ length: 0 });
+  const dst = new MemoryDriver({ length: 0 });
+  const bc = new BlockCopy({ source: { io: src }, target: { io: dst }, length: 0 });
+  // What callers mean by "copy everything": the bitmap's single cluster lies past the end.
+  bc.copyBitmap.set(0, 1);
+  // Before the fix run() looped on resolved promises forever, starving this timer too.
+  let timerRan = false;
+  const timer = setTimeout(() => (timerRan = true), 0);
+  await bc.run();
+  clearTimeout(timer);
+  t.equal(bc.progress.doneBytes, 0);
+  t.equal(bc.inFlightTasks, 0);
+  t.pass(`run() resolved (timer ran: ${timerRan})`);
+});

@@ -270,7 +270,7 @@ export class BlockCopy extends EventEmitter {
           await new Promise<void>((resolve) => this.#resumeWaiters.push(resolve));
           continue;
         }
-        if (this.copyBitmap.isEmpty()) break;
+        if (!this.#workLeft()) break;
       }
       await this.#target.io.flush();
     } finally {
@@ -628,6 +628,10 @@ export class BlockCopy extends EventEmitter {
     this.#wakeAt = Infinity;
   }
 
+  // A zero-length copy's bitmap still has one cluster, which no task can take: counted as work,
+  // it made run() loop on resolved promises forever, deaf to signals.
+  #workLeft = (): boolean => this.length > 0 && !this.copyBitmap.isEmpty();
+
   /** Resolves when nothing runs or waits and (while copying) no background work can start. */
   #idle(): Promise<void> {
     return new Promise((resolve) => {
@@ -638,7 +642,7 @@ export class BlockCopy extends EventEmitter {
 
   #checkIdle(): void {
     if (this.inFlightTasks > 0) return;
-    if (this.#background && !this.#failure && !this.#paused && !this.copyBitmap.isEmpty()) {
+    if (this.#background && !this.#failure && !this.#paused && this.#workLeft()) {
       // Work is left but nothing could start now (rate limit): the wake timer will pump.
       if (this.#wakeTimer) return;
       this.#pump();

@@ -13,7 +13,8 @@ import type { ErrorKind } from '@shear/base';
  * | 5 | no space left on the target |
  * | 6 | an image is corrupt or unsupported |
  * | 7 | --verify found a difference |
- * | 130 | interrupted (SIGINT/SIGTERM) |
+ * | 130 | interrupted (SIGINT) |
+ * | 143 | terminated (SIGTERM) |
  */
 export const EXIT = {
   OK: 0,
@@ -25,6 +26,7 @@ export const EXIT = {
   CORRUPT: 6,
   VERIFY_MISMATCH: 7,
   INTERRUPTED: 130,
+  TERMINATED: 143,
 } as const;
 
 export function exitCodeFor(kind: ErrorKind): number {

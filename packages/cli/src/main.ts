@@ -6,6 +6,8 @@ import { runDaemon, DAEMON_USAGE } from './commands/daemon.js';
 import { runJobs, JOBS_USAGE } from './commands/jobs.js';
 import { EXIT, exitCodeFor } from './exit-codes.js';
 import { createLogger } from './logger.js';
+import { Interruption } from './interrupt.js';
+import { shearVersion } from './version.js';
 
 const USAGE = `usage: shear <command> [options]
 
@@ -15,9 +17,11 @@ commands:
   demo        make a demo disk, back it up, verify it, and walk through dirty bitmaps
   jobs        show (or --watch) a daemon's jobs: progress, fleecing cache state, events
   help        this text; \`shear help backup\` for a command's options
+  --version   print the version
 
 exit status: 0 ok, 1 failed, 2 usage, 3 not found, 4 permission or target exists,
-             5 no space, 6 corrupt or unsupported image, 7 verification mismatch, 130 interrupted`;
+             5 no space, 6 corrupt or unsupported image, 7 verification mismatch,
+             130 interrupted (SIGINT), 143 terminated (SIGTERM)`;
 
 function logLevelOf(argv: string[]): string | undefined {
   const i = argv.indexOf('--log-level');
@@ -26,24 +30,50 @@ function logLevelOf(argv: string[]): string | undefined {
 
 async function main(argv: string[]): Promise<number> {
   const [command, ...rest] = argv;
+  if (command === '--version' || command === '-V' || command === 'version') {
+    process.stdout.write(`shear ${shearVersion()}\n`);
+    return EXIT.OK;
+  }
   const log = createLogger(logLevelOf(rest) ?? (command === 'daemon' ? 'info' : undefined));
-  const ac = new AbortController();
-  const onSignal = (sig: NodeJS.Signals) => {
-    log.warn({ evt: 'cli.signal', signal: sig }, 'interrupted, stopping');
-    ac.abort(new ShearError('ERR_ABORTED', `Interrupted by ${sig}`));
-  };
-  process.once('SIGINT', onSignal);
-  process.once('SIGTERM', onSignal);
+  if (command === 'daemon') {
+    // A signal is the daemon's ordinary stop: it shuts down in order (jobs cancelled, persistent
+    // bitmaps stored) and exits 0, however long storing takes; no forced exit.
+    const ac = new AbortController();
+    const stop = (sig: NodeJS.Signals) => {
+      log.info({ evt: 'cli.signal', signal: sig }, 'stopping');
+      ac.abort(new ShearError('ERR_ABORTED', `Interrupted by ${sig}`));
+    };
+    process.once('SIGINT', stop);
+    process.once('SIGTERM', stop);
+    try {
+      return await runDaemon(rest, log.child({ component: 'daemon' }), ac.signal).catch((err) => report(err, log));
+    } finally {
+      process.off('SIGINT', stop);
+      process.off('SIGTERM', stop);
+    }
+  }
+  const intr = new Interruption();
   try {
+    const code = await runCommand(command, rest, log, intr);
+    if (intr.received && code !== EXIT.OK) return interrupted(intr, log, undefined);
+    return code;
+  } catch (err) {
+    // Whatever failed while unwinding after a signal, the user sees the one line about it.
+    if (intr.received) return interrupted(intr, log, err);
+    return report(err, log);
+  } finally {
+    intr.dispose();
+  }
+}
+
+async function runCommand(command: string | undefined, rest: string[], log: ReturnType<typeof createLogger>, intr: Interruption): Promise<number> {
     switch (command) {
       case 'backup':
-        return await runBackup(rest, log.child({ component: 'backup' }), ac.signal);
+        return await runBackup(rest, log.child({ component: 'backup' }), intr.signal, intr);
       case 'demo':
-        return await runDemo(rest, log.child({ component: 'demo' }), ac.signal);
-      case 'daemon':
-        return await runDaemon(rest, log.child({ component: 'daemon' }), ac.signal);
+        return await runDemo(rest, log.child({ component: 'demo' }), intr.signal);
       case 'jobs':
-        return await runJobs(rest, ac.signal);
+        return await runJobs(rest, intr.signal);
       case undefined:
       case 'help':
       case '--help':
@@ -54,15 +84,19 @@ async function main(argv: string[]): Promise<number> {
         process.stderr.write(`shear: unknown command "${command}"\n\n${USAGE}\n`);
         return EXIT.USAGE;
     }
-  } catch (err) {
-    const e = err instanceof ShearError ? err : new ShearError('ERR_INTERNAL', (err as Error)?.message ?? String(err), {}, { cause: err });
-    if (e.kind === 'internal' && !(e as { exitCode?: number }).exitCode) log.error({ err: e }, 'internal error');
-    process.stderr.write(`shear: ${e.message}\n`);
-    return (e as { exitCode?: number }).exitCode ?? exitCodeFor(e.kind);
-  } finally {
-    process.off('SIGINT', onSignal);
-    process.off('SIGTERM', onSignal);
-  }
+}
+
+function interrupted(intr: Interruption, log: ReturnType<typeof createLogger>, err: unknown): number {
+  log.debug({ evt: 'cli.signal', signal: intr.received, err }, 'interrupted');
+  process.stderr.write(intr.message() + '\n');
+  return intr.exitCode;
+}
+
+function report(err: unknown, log: ReturnType<typeof createLogger>): number {
+  const e = err instanceof ShearError ? err : new ShearError('ERR_INTERNAL', (err as Error)?.message ?? String(err), {}, { cause: err });
+  if (e.kind === 'internal' && !(e as { exitCode?: number }).exitCode) log.error({ err: e }, 'internal error');
+  process.stderr.write(`shear: ${e.message}\n`);
+  return (e as { exitCode?: number }).exitCode ?? exitCodeFor(e.kind);
 }
 
 process.exitCode = await main(process.argv.slice(2));

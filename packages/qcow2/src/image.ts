@@ -30,6 +30,7 @@ import { mappingOf, pushExtent } from './host-mapping.js';
 import { RangeLock } from './locks.js';
 import { Qcow2Metadata, type PlanItem } from './metadata.js';
 import { checkOpenable } from './open-checks.js';
+import { loadCheckedTables } from './validate.js';
 import { Refcounts } from './refcounts.js';
 
 export interface Qcow2OpenOptions {
@@ -191,8 +192,7 @@ export class Qcow2Image implements BlockIO {
       const parsed = parseHeaderCluster(cluster0);
       const h = parsed.header;
       checkOpenable(parsed, !readOnly);
-      const l1Raw = new Uint8Array(h.l1Size * 8);
-      if (h.l1Size > 0) await readPadded(file, h.l1TableOffset, l1Raw);
+      const l1Raw = await loadCheckedTables(file, h, 2 ** clusterBits);
       const rc = readOnly
         ? null
         : await Refcounts.load(file, 2 ** clusterBits, h.refcountOrder, h.refcountTableOffset, h.refcountTableClusters);

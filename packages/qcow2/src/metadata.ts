@@ -5,6 +5,7 @@ import { ensureLength } from './file-util.js';
 import type { GrowableIO } from './growable-io.js';
 import { L2Cache, type L2Table } from './l2-cache.js';
 import { AsyncMutex } from './locks.js';
+import { checkL2Entry } from './validate.js';
 import type { Refcounts } from './refcounts.js';
 
 /** Where one guest cluster of a write goes. */
@@ -97,7 +98,8 @@ export class Qcow2Metadata {
         continue;
       }
       const t = await this.#l2.get(l2Offset);
-      for (; g < stop; g++) out.push(this.decode(t, g));
+      // Checked on every use: an entry past the end of the file would read as zeroes.
+      for (; g < stop; g++) out.push(checkL2Entry(this.decode(t, g), g, this.#file.length, this.clusterBytes));
     }
     return out;
   }

@@ -1,3 +1,4 @@
+import { rmSync } from 'node:fs';
 import { rename, rm, stat, open as openFile } from 'node:fs/promises';
 import path from 'node:path';
 import { parseArgs } from 'node:util';
@@ -11,6 +12,8 @@ import { concludeBitmapSync, parseBitmapSyncMode, type BitmapSyncMode, type Dirt
 import { EXIT } from '../exit-codes.js';
 import { ProgressBar, formatBytes } from '../progress-bar.js';
 import { parseSize } from '../parse-size.js';
+import { pausePoint, pauseRequested, type Interruption } from '../interrupt.js';
+import { explainFailure, freeBytes, summaryLine } from './backup-report.js';
 
 export const BACKUP_USAGE = `usage: shear backup --source PATH --target PATH [options]
 
@@ -32,12 +35,16 @@ options:
   --workers N                 worker threads (default: ${defaultWorkerCount()}, the machine's parallelism, at least 4)
   --max-chunk BYTES           largest copy task (default ${DEFAULT_MAX_CHUNK_BYTES / 2 ** 20}M; suffixes k, M, G)
   --speed BYTES_PER_SEC       rate limit (default: none; suffixes k, M, G)
+  --retries N                 retry a range whose read or write failed with an I/O error up to N
+                              times, with a back-off (default 3; 0 = fail at the first error);
+                              each retry is logged and counted in the summary
   --compress                  write compressed clusters (qcow2 target)
   --verify                    compare the target with the source afterwards; fail on any difference
   --single-task               one task at a time on one worker (the single-coroutine baseline)
   --force                     replace an existing target
   --json                      print one JSON summary on stdout
-  --log-level LEVEL           pino log level on stderr (default: warn)`;
+  --log-level LEVEL           pino log level on stderr (default: warn): JSON lines, or one
+                              readable line a record when stderr is a terminal`;
 
 export interface BackupSummary {
   source: string;
@@ -52,6 +59,8 @@ export interface BackupSummary {
   singleTask: boolean;
   compressed: boolean;
   verified: boolean;
+  /** Ranges copied again after an I/O error (see --retries). */
+  retries: number;
 }
 
 interface BackupArgs {
@@ -66,6 +75,7 @@ interface BackupArgs {
   workers: number;
   maxChunk: number;
   speed: number;
+  retries: number;
   compress: boolean;
   verify: boolean;
   singleTask: boolean;
@@ -76,6 +86,25 @@ interface BackupArgs {
 function usage(message: string): never {
   throw new ShearError('ERR_INVALID_ARGUMENT', `${message}\n\n${BACKUP_USAGE}`);
 }
+
+/** A size option; a value that is not a size is a usage error like any other. */
+function sizeOption(value: string, what: string): number {
+  try {
+    return parseSize(value, what);
+  } catch (err) {
+    usage((err as Error).message);
+  }
+}
+
+/** Retries of a failed range in a one-shot backup (QMP jobs have their own default). */
+const DEFAULT_CLI_RETRIES = 3;
+
+/**
+ * TEST-ONLY FAULT HOOK. SHEAR_KILL_WORKERS=<tasks>:<bytes>: the worker threads running the first
+ * <tasks> copy tasks die after writing <bytes> (a real thread exit, an I/O error to block-copy),
+ * so tests see --retries at work. Read once at module load; unset, it does nothing.
+ */
+const KILL_WORKERS = /^(\d+):(\d+)$/.exec(process.env['SHEAR_KILL_WORKERS'] ?? '');
 
 function oneOf<T extends string>(value: string | undefined, allowed: readonly T[], what: string): T | undefined {
   if (value === undefined) return undefined;
@@ -100,6 +129,7 @@ export function parseBackupArgs(argv: string[]): BackupArgs {
         workers: { type: 'string' },
         'max-chunk': { type: 'string' },
         speed: { type: 'string' },
+        retries: { type: 'string' },
         compress: { type: 'boolean' },
         verify: { type: 'boolean' },
         'single-task': { type: 'boolean' },
@@ -117,7 +147,9 @@ export function parseBackupArgs(argv: string[]): BackupArgs {
   if (!values.target) usage('Missing --target');
   const workers = values.workers === undefined ? defaultWorkerCount() : Number(values.workers);
   if (!Number.isInteger(workers) || workers < 1 || workers > 256) usage(`Invalid --workers "${values.workers}": expected an integer from 1 to 256`);
-  const maxChunk = values['max-chunk'] === undefined ? DEFAULT_MAX_CHUNK_BYTES : parseSize(values['max-chunk'], '--max-chunk');
+  const maxChunk = values['max-chunk'] === undefined ? DEFAULT_MAX_CHUNK_BYTES : sizeOption(values['max-chunk'], '--max-chunk');
+  const retries = values.retries === undefined ? DEFAULT_CLI_RETRIES : Number(values.retries);
+  if (!/^\d+$/.test(values.retries ?? '0') || !Number.isInteger(retries) || retries > 100) usage(`Invalid --retries "${values.retries}": expected an integer from 0 to 100`);
   if (maxChunk < 65536 || maxChunk > 1 << 30) usage(`Invalid --max-chunk ${maxChunk}: expected 64k to 1G`);
   const targetFormat = oneOf(values['target-format'], ['raw', 'qcow2'] as const, '--target-format') ?? 'raw';
   if (values.compress && targetFormat !== 'qcow2') usage('--compress needs --target-format qcow2');
@@ -136,7 +168,8 @@ export function parseBackupArgs(argv: string[]): BackupArgs {
     backing: values.backing,
     workers: values['single-task'] ? 1 : workers,
     maxChunk,
-    speed: values.speed === undefined ? 0 : parseSize(values.speed, '--speed'),
+    speed: values.speed === undefined ? 0 : sizeOption(values.speed, '--speed'),
+    retries,
     compress: values.compress ?? false,
     verify: values.verify ?? false,
     singleTask: values['single-task'] ?? false,
@@ -157,9 +190,16 @@ async function probeFormat(file: string): Promise<'raw' | 'qcow2'> {
 }
 
 /** Opens an image read-only as a node: raw images as a plain file node (mappable by workers). */
-function openImage(graph: BlockGraph, file: string, format: 'raw' | 'qcow2', readOnly: boolean): Promise<BlockNode> {
+async function openImage(graph: BlockGraph, file: string, format: 'raw' | 'qcow2', readOnly: boolean, signal: AbortSignal): Promise<BlockNode> {
+  signal.throwIfAborted();
   const fileNode = { driver: 'file', filename: file, 'read-only': readOnly };
   return addBlockdev(graph, format === 'raw' ? fileNode : { driver: 'qcow2', 'read-only': readOnly, file: fileNode });
+}
+
+/** The bytes the source file holds (its allocated blocks): about what a copy writes. */
+async function dataBytes(file: string, size: number): Promise<number> {
+  const st = await stat(file).catch(() => undefined);
+  return st ? Math.min(size, st.blocks * 512) : size;
 }
 
 /**
@@ -167,7 +207,7 @@ function openImage(graph: BlockGraph, file: string, format: 'raw' | 'qcow2', rea
  * place only after the copy (and the verification, if asked) succeeded and the data is on disk,
  * so a failed or interrupted backup never leaves a file that looks finished.
  */
-export async function runBackup(argv: string[], log: Logger, signal: AbortSignal): Promise<number> {
+export async function runBackup(argv: string[], log: Logger, signal: AbortSignal, intr?: Interruption): Promise<number> {
   const args = parseBackupArgs(argv);
   const t0 = performance.now();
   const srcStat = await stat(args.source).catch((err) => {
@@ -180,16 +220,21 @@ export async function runBackup(argv: string[], log: Logger, signal: AbortSignal
   }
   const sourceFormat = args.sourceFormat ?? (await probeFormat(args.source));
   const partial = path.join(path.dirname(args.target), `.${path.basename(args.target)}.shear-partial-${process.pid}`);
+  const targetFree = await freeBytes(path.dirname(args.target));
 
   const graph = new BlockGraph();
   let pool: CopyWorkerPool | undefined;
   const progress = new ProgressBar();
   let renamed = false;
+  let copy: BlockCopy | undefined;
+  let retries = 0;
+  intr?.describe(() => (renamed ? `${args.target} is complete` : `nothing was written to ${args.target}`));
+  const forgetPartial = intr?.onForcedExit(() => rmSync(partial, { force: true }));
   let settleBitmap: (outcome: 'success' | 'failure' | 'cancel') => void = () => {};
   try {
     // An offline incremental updates the bitmap stored with the source (qcow2 extension or
     // sidecar), so the source opens read-write; the backup itself only reads it.
-    const src = await openImage(graph, args.source, sourceFormat, args.sync !== 'bitmap');
+    const src = await openImage(graph, args.source, sourceFormat, args.sync !== 'bitmap', signal);
     const length = src.length;
     let bitmap: DirtyBitmap | undefined;
     if (args.sync === 'bitmap') {
@@ -222,7 +267,8 @@ export async function runBackup(argv: string[], log: Logger, signal: AbortSignal
     }).catch((err: ShearError) => {
       throw new ShearError(err.code, `Cannot create target "${args.target}": ${err.message}`, { ...err.context, path: args.target }, { cause: err });
     });
-    const tgt = await openImage(graph, partial, args.targetFormat, false);
+    const tgt = await openImage(graph, partial, args.targetFormat, false, signal);
+    await pausePoint('open', signal);
     const user = { kind: 'user' as const, name: 'backup' };
     // An offline backup: nobody may write the source while it is read.
     const srcEdge = graph.attachUser(user, src, PERM_CONSISTENT_READ, PERM_ALL & ~PERM_WRITE);
@@ -230,7 +276,7 @@ export async function runBackup(argv: string[], log: Logger, signal: AbortSignal
     const targetCluster = args.targetFormat === 'qcow2' ? (tgt.driver as Qcow2Node).clusterBytes : 0;
     const clusterBytes = Math.max(65536, targetCluster);
     pool = new CopyWorkerPool({ workers: args.workers });
-    const copy = new BlockCopy({
+    copy = new BlockCopy({
       source: { io: srcEdge, mapping: srcEdge.hostMapping() },
       target: { io: tgtEdge, mapping: tgtEdge.hostMapping() },
       length: src.length,
@@ -241,6 +287,8 @@ export async function runBackup(argv: string[], log: Logger, signal: AbortSignal
       speed: args.speed,
       skipUnallocated: args.sync === 'top',
       targetIsZero: true,
+      retryAttempts: args.retries,
+      ...(KILL_WORKERS ? { faultInjection: { tasks: Number(KILL_WORKERS[1]), killWorkerAfterBytes: Number(KILL_WORKERS[2]) } } : {}),
       ...(args.compress ? { compress: { clusterBytes, windowBits: 12, writeDeflated: (o: number, d: Uint8Array) => (tgt.driver as Qcow2Node).writeDeflated(o, d) } } : {}),
     });
     if (bitmap) {
@@ -252,13 +300,18 @@ export async function runBackup(argv: string[], log: Logger, signal: AbortSignal
     }
     log.info({ evt: 'backup.start', node: src.name, bytes: src.length, workers: args.workers, clusterBytes, mapped: Boolean(srcEdge.hostMapping()?.mapRead && tgtEdge.hostMapping()?.mapWrite) }, 'backup started');
     copy.on('progress', (p) => progress.update(p.doneBytes, p.totalBytes, p.bytesPerSec));
-    copy.on('retry', (r) => log.warn({ evt: 'copy.retry', offset: r.offset, bytes: r.bytes, attempt: r.attempt, err: r.error }, 'retrying a failed range'));
+    copy.on('retry', (r) => {
+      retries++;
+      log.warn({ evt: 'copy.retry', offset: r.offset, bytes: r.bytes, attempt: r.attempt, of: args.retries, err: r.error }, 'retrying a failed range');
+    });
+    const running = copy;
+    if (pauseRequested('copy')) running.once('progress', () => void pausePoint('copy', signal, () => running.pause()).catch(() => {}));
     settleBitmap = (outcome) => {
       if (!bitmap?.frozen) return;
       // A failed one-shot backup leaves no target (the partial file is deleted), so nothing it
       // copied is kept anywhere: under every mode the bitmap keeps all its bits then.
       const mode = outcome === 'success' ? args.bitmapMode : args.bitmapMode === 'always' ? 'on-success' : args.bitmapMode;
-      concludeBitmapSync(src.bitmaps, bitmap, mode, outcome, copy.copyBitmap);
+      concludeBitmapSync(src.bitmaps, bitmap, mode, outcome, running.copyBitmap);
     };
     await copy.run({ signal });
     const p = copy.progress;
@@ -266,6 +319,7 @@ export async function runBackup(argv: string[], log: Logger, signal: AbortSignal
     progress.finish();
     let verified = false;
     if (args.verify) {
+      await pausePoint('verify', signal);
       const diff = await compareContent(srcEdge, tgtEdge, { signal });
       if (diff >= 0) {
         const err = new ShearError('ERR_INTERNAL', `Verification failed: target differs from source at offset ${diff}`, { offset: diff });
@@ -279,7 +333,9 @@ export async function runBackup(argv: string[], log: Logger, signal: AbortSignal
     // The target is closed and in place before the bitmap forgets what it copied; the source
     // closes last, storing its bitmap.
     await removeTree(graph, tgt);
+    await pausePoint('fsync', signal);
     await syncFile(partial);
+    await pausePoint('rename', signal);
     await rename(partial, args.target);
     renamed = true;
     await syncFile(path.dirname(args.target));
@@ -299,22 +355,21 @@ export async function runBackup(argv: string[], log: Logger, signal: AbortSignal
       singleTask: args.singleTask,
       compressed: args.compress,
       verified,
+      retries,
     };
     log.info({ evt: 'backup.done', ...summary }, 'backup finished');
     if (args.json) {
       process.stdout.write(JSON.stringify(summary) + '\n');
     } else {
-      process.stdout.write(
-        `backed up ${args.source} -> ${args.target}: ${formatBytes(length)} in ${seconds.toFixed(2)} s (${summary.mibPerSec} MiB/s), ` +
-          `${formatBytes(p.copiedBytes)} copied, ${formatBytes(p.skippedBytes)} zero or unallocated, ${args.workers} worker(s)${verified ? ', verified' : ''}\n`,
-      );
+      process.stdout.write(summaryLine(summary) + '\n');
     }
     return EXIT.OK;
   } catch (err) {
     // A failed or cancelled incremental keeps every bit it was to copy.
     settleBitmap(signal.aborted ? 'cancel' : 'failure');
-    throw err;
+    throw explainFailure(err, { source: args.source, target: args.target, written: copy?.progress.copiedBytes ?? 0, needs: await dataBytes(args.source, srcStat.size), free: targetFree });
   } finally {
+    forgetPartial?.();
     progress.finish();
     await pool?.destroy();
     await closeAll(graph).catch(() => {});
