@@ -24,8 +24,24 @@ export interface BackupParams {
   discardSource?: boolean;
   onCbwError?: OnCbwError;
   cbwTimeoutSec?: number;
+  /**
+   * Attempts at a range after an I/O error before the error reaches the error policy. Default
+   * 0, as in QEMU: on-source-error / on-target-error see every error (a transient fault that a
+   * retry hides would turn a failed backup into a silent success, iotest 257).
+   */
+  retries?: number;
+  /** Called for each retried error, before the retry (the daemon logs it). */
+  onRetry?: (r: CopyRetry) => void;
   /** Events of the job's copy-before-write filter (X_SHEAR_CBW_ERROR), with the filter's name added. */
   emit?: (event: string, data: Record<string, unknown>) => void;
+}
+
+/** One retried copy error (block-copy's 'retry' event). */
+export interface CopyRetry {
+  offset: number;
+  bytes: number;
+  attempt: number;
+  error: ShearError;
 }
 
 /** What a format target offers for compressed writes (qcow2). */
@@ -109,6 +125,8 @@ export class BackupJob implements JobDriver {
   #resumeWaiters: (() => void)[] = [];
   #job: Job | undefined;
   #cleaned = false;
+  /** Copy errors retried instead of reaching the error policy (query-jobs' x-shear-retried). */
+  #retried = 0;
 
   private constructor(init: {
     graph: BlockGraph;
@@ -150,6 +168,8 @@ export class BackupJob implements JobDriver {
     const targetDriver = p.target.driver as Partial<CompressingTarget>;
     const targetCluster = typeof targetDriver.clusterBytes === 'number' ? targetDriver.clusterBytes : 0;
     const clusterBytes = Math.max(65536, targetCluster);
+    const retries = p.retries ?? 0;
+    if (!Number.isSafeInteger(retries) || retries < 0) throw new ShearError('ERR_INVALID_ARGUMENT', `Invalid parameter 'x-shear-retries': ${retries} is not an integer of at least 0`);
     if (p.compress && typeof targetDriver.writeDeflated !== 'function') {
       throw new ShearError('ERR_INVALID_ARGUMENT', `Cannot start backup: compression is not supported by target node "${p.target.name}" (it needs a qcow2 target)`);
     }
@@ -177,6 +197,7 @@ export class BackupJob implements JobDriver {
             ...(p.maxChunk ? { maxChunkBytes: Math.max(p.maxChunk, clusterBytes) } : {}),
             ...(p.maxWorkers ? { maxTasks: p.maxWorkers } : {}),
             speed: p.speed ?? 0,
+            retryAttempts: retries,
             skipUnallocated: sync === 'top',
             ...(prefer ? { prefer } : {}),
             ...(p.compress ? { compress: { clusterBytes, windowBits: 12, writeDeflated: (o: number, d: Uint8Array) => targetDriver.writeDeflated!(o, d) } } : {}),
@@ -226,6 +247,10 @@ export class BackupJob implements JobDriver {
       onTargetError: p.onTargetError ?? 'report',
     });
     if (p.discardSource) job.#discardCopied();
+    job.#cbw.copy.on('retry', (r: CopyRetry) => {
+      job.#retried++;
+      p.onRetry?.(r);
+    });
     return job;
   }
 
@@ -257,13 +282,17 @@ export class BackupJob implements JobDriver {
   }
 
   /**
-   * The fleecing cache this job fills (its copy-before-write target) or drains (its source is a
-   * point-in-time view kept in one): occupancy, spills and drains for query-jobs.
+   * Shear's fields for query-jobs: the copy errors retried (x-shear-retries) and the fleecing
+   * cache this job fills (its copy-before-write target) or drains (its source is a point-in-time
+   * view kept in one): occupancy, spills and drains.
    */
   extraInfo(): Record<string, unknown> {
     const view = this.#source.isOpen ? this.#source.driver : undefined;
     const node = [this.#target, view instanceof SnapshotAccess ? view.filter.targetEdge.child : undefined].find((n) => n?.isOpen && n.driver instanceof FleecingCache);
-    return node ? { 'x-shear-cache': { node: node.name, ...(node.driver as FleecingCache).info() } } : {};
+    return {
+      'x-shear-retried': this.#retried,
+      ...(node ? { 'x-shear-cache': { node: node.name, ...(node.driver as FleecingCache).info() } } : {}),
+    };
   }
 
   get filterNode(): BlockNode {

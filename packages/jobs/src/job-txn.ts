@@ -1,4 +1,5 @@
 import type { Job } from './job.js';
+import { jobErrorText } from './job-error-text.js';
 
 /**
  * Jobs that complete together (QEMU's JobTxn; a single job is a transaction of one). When
@@ -72,7 +73,7 @@ export class JobTxn {
       } else if (j.cancelled && (!j.error || j.error.code === 'ERR_ABORTED')) {
         j.emit('BLOCK_JOB_CANCELLED', { type: j.type, device: j.id, len, offset, speed: j.speed });
       } else {
-        j.emit('BLOCK_JOB_COMPLETED', { type: j.type, device: j.id, len, offset, speed: j.speed, error: j.error?.message ?? 'Job failed' });
+        j.emit('BLOCK_JOB_COMPLETED', { type: j.type, device: j.id, len, offset, speed: j.speed, error: jobErrorText(j.error) });
       }
       j.transition('concluded');
       if (j.autoDismiss) j.transition('null');
