@@ -23,7 +23,8 @@ export class JobTxn {
     if (!this.jobs.every((j) => j.bodyDone && j.status === 'waiting')) return;
     for (const j of this.jobs) {
       j.transition('pending');
-      if (j.driver.blockJob) j.emit('BLOCK_JOB_PENDING', { type: j.type, id: j.id });
+      // QEMU tells only about a pending job that waits for job-finalize (qemu-storage-daemon 7.2).
+      if (j.driver.blockJob && !j.autoFinalize) j.emit('BLOCK_JOB_PENDING', { type: j.type, id: j.id });
     }
     if (this.jobs.every((j) => j.autoFinalize)) await this.finalize();
   }

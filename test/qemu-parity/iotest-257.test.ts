@@ -1,0 +1,50 @@
+import t, { type Test } from 'tap';
+import { mkdirSync } from 'node:fs';
+import path from 'node:path';
+import { requireTools } from '@shear/testkit';
+import { LIBNBD_PYTHON, apiCases, bitmapSyncCase, combinations, startQsd, startShear, type Daemon, type Transcript } from '../lib/iotest257.js';
+
+/**
+ * QEMU's iotest 257 replayed against qemu-storage-daemon and against Shear's daemon: for every
+ * combination the two transcripts (events with their offset/len/error, bitmap counts and
+ * SHA-256s, image comparisons, API errors) must be equal. Both daemons of a combination run at
+ * once, each on its own images.
+ */
+async function both(t: Test, name: string, body: (d: Daemon, dir: string) => Promise<Transcript>): Promise<{ qemu: Transcript; shear: Transcript }> {
+  const root = t.testdir();
+  const dirs = { qemu: path.join(root, 'qemu'), shear: path.join(root, 'shear') };
+  mkdirSync(dirs.qemu);
+  mkdirSync(dirs.shear);
+  const go = async (d: Daemon, dir: string) => {
+    try {
+      return await body(d, dir);
+    } finally {
+      await d.stop();
+    }
+  };
+  const [qemu, shear] = await Promise.all([startQsd().then((d) => go(d, dirs.qemu)), startShear(dirs.shear).then((d) => go(d, dirs.shear))]);
+  if (process.env['SHEAR_257_DUMP']) process.stderr.write(`${name}\nqemu:  ${JSON.stringify(qemu)}\nshear: ${JSON.stringify(shear)}\n`);
+  return { qemu, shear };
+}
+
+// SHEAR_257_ONLY=<substring of a name> runs only the matching cases (while debugging one).
+const only = process.env['SHEAR_257_ONLY'];
+for (const c of combinations()) {
+  const name = `sync ${c.sync}, bitmap mode ${c.bitmapMode}, ${c.failure === 'none' ? 'no' : c.failure} failure`;
+  if (only && !name.includes(only)) continue;
+  t.test(name, async (t) => {
+    if (!requireTools(t, 'qemu-storage-daemon', 'qemu-io', 'qemu-img', 'nbdsh', LIBNBD_PYTHON)) return;
+    const { qemu, shear } = await both(t, name, (d, dir) => bitmapSyncCase(d, dir, c));
+    t.same(shear, qemu, 'Shear saw what qemu-storage-daemon saw');
+    if (c.failure === 'intermediate') {
+      const text = JSON.stringify(qemu);
+      t.match(text, /"event":"BLOCK_JOB_ERROR","data":\{[^}]*"operation":"read"/, 'the oracle reported the read error (the fault was armed)');
+    }
+  });
+}
+
+if (!only || 'API failure cases'.includes(only)) t.test('API failure cases', async (t) => {
+  if (!requireTools(t, 'qemu-storage-daemon', 'qemu-io', 'qemu-img', 'nbdsh', LIBNBD_PYTHON)) return;
+  const { qemu, shear } = await both(t, 'api', apiCases);
+  t.same(shear, qemu, 'Shear refuses what qemu-storage-daemon refuses, with the same errors');
+});
