@@ -63,7 +63,7 @@ export async function startDaemon(_dir: string, extraArgs: string[] = [], opts: 
     if (process.env['SHEAR_TEST_LOG']) process.stderr.write(d);
   });
   const exited = new Promise<number | null>((resolve) => proc.once('exit', (code) => resolve(code)));
-  for (let i = 0; i < 200 && !existsSync(socket); i++) {
+  for (let i = 0; i < 1200 && !existsSync(socket); i++) {
     if (proc.exitCode !== null) break;
     await new Promise((r) => setTimeout(r, 25));
   }

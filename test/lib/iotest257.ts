@@ -258,8 +258,9 @@ export async function bitmapSyncCase(d: Daemon, dir: string, c: { bitmapMode: Bi
 
   await d.cmd('block-dirty-bitmap-remove', { node: 'drive0', name: 'bitmap0' });
   log.push({ step: 'bitmap removed', ...(await bitmaps(d) as object) });
+  from = d.events.length;
   await d.cmd('block-export-del', { id: 'exp0' });
-  await waitEvent(d, (e) => e.event === 'BLOCK_EXPORT_DELETED', 'export deletion');
+  await waitEvent(d, (e) => e.event === 'BLOCK_EXPORT_DELETED', 'export deletion', from);
   await d.cmd('nbd-server-stop');
   for (const node of ['ref_target_0', 'ref_target_1', 'backup_target_1', 'ref_target_2', 'backup_target_2', 'drive0']) await d.cmd('blockdev-del', { 'node-name': node });
 
