@@ -113,6 +113,7 @@ async function waitEvent(d: Daemon, pred: (e: QmpEvent) => boolean, what: string
 }
 
 const ended = (id: string) => (e: QmpEvent) => (e.event === 'BLOCK_JOB_COMPLETED' || e.event === 'BLOCK_JOB_CANCELLED') && e.data?.['device'] === id;
+const pendingEvent = (id: string) => (e: QmpEvent) => e.event === 'BLOCK_JOB_PENDING' && e.data?.['id'] === id;
 const statusIs = (id: string, status: string) => (e: QmpEvent) => e.event === 'JOB_STATUS_CHANGE' && e.data?.['id'] === id && e.data?.['status'] === status;
 
 /**
@@ -235,7 +236,8 @@ export async function bitmapSyncCase(d: Daemon, dir: string, c: { bitmapMode: Bi
   let from = d.events.length;
   await d.cmd('blockdev-backup', backupArgs('backup_1', 'backup_target_1', c.sync, { bitmap: 'bitmap0', 'bitmap-mode': c.bitmapMode, 'auto-finalize': false }));
   // Either the job waits for finalize (pending) or it has already failed.
-  const first = await waitEvent(d, (e) => statusIs('backup_1', 'pending')(e) || ended('backup_1')(e), 'pending or end of backup_1', from);
+  // BLOCK_JOB_PENDING is the last event of the pending state (a job that waits for finalize).
+  const first = await waitEvent(d, (e) => pendingEvent('backup_1')(e) || ended('backup_1')(e), 'pending or end of backup_1', from);
   if (!ended('backup_1')(first)) {
     log.push({ step: 'backup 1 pending', events: eventsSince(d, from) });
     await writes(d, 2, log);
@@ -251,7 +253,7 @@ export async function bitmapSyncCase(d: Daemon, dir: string, c: { bitmapMode: Bi
   await addTarget(d, bsync2, 'backup_target_2');
   from = d.events.length;
   await d.cmd('blockdev-backup', backupArgs('backup_2', 'backup_target_2', 'bitmap', { bitmap: 'bitmap0', 'bitmap-mode': c.bitmapMode, 'auto-finalize': false }));
-  await waitEvent(d, statusIs('backup_2', 'pending'), 'pending of backup_2', from);
+  await waitEvent(d, pendingEvent('backup_2'), 'pending of backup_2', from);
   await d.cmd('job-finalize', { id: 'backup_2' });
   await waitEvent(d, statusIs('backup_2', 'null'), 'end of backup_2', from);
   log.push({ step: 'backup 2', events: eventsSince(d, from), ...(await bitmaps(d) as object) });
