@@ -10,6 +10,10 @@ import { LIBNBD_PYTHON, apiCases, bitmapSyncCase, combinations, startQsd, startS
  * SHA-256s, image comparisons, API errors) must be equal. One daemon of each kind serves every
  * case (each case removes all it added); the two run a case at once, each on its own images.
  */
+// 22 cases of seven backups each on two daemons: about 3 minutes on a quiet 2-core machine,
+// longer than the suite's 300 s per file when the machine is shared by many (load 30: 6 min).
+t.setTimeout(15 * 60_000);
+
 const tools = ['qemu-storage-daemon', 'qemu-io', 'qemu-img', 'nbdsh', LIBNBD_PYTHON];
 let daemons: { qemu: Daemon; shear: Daemon } | undefined;
 
