@@ -118,7 +118,8 @@ export class DirtyBitmap {
     const info: DirtyBitmapInfo = {
       count: this.bits.countBytes(),
       granularity: this.granularity,
-      recording: this.#enabled,
+      // As QEMU reports it: a frozen bitmap records through its successor.
+      recording: this.#enabled || (this.#successor?.info().recording ?? false),
       busy: this.#busy,
       persistent: this.#persistent,
     };

@@ -36,7 +36,7 @@ t.test('a full backup copies the disk as it was at the start, while the guest wr
   const now = Buffer.alloc(3 * C);
   await s.guest.read(10 * C, now);
   t.ok(now.equals(news), 'the guest write reached the disk');
-  t.same(eventsOf(s, 'job0'), ['status:created', 'status:running', 'status:waiting', 'status:pending', 'BLOCK_JOB_PENDING', 'BLOCK_JOB_COMPLETED', 'status:concluded', 'status:null']);
+  t.same(eventsOf(s, 'job0'), ['status:created', 'status:running', 'status:waiting', 'status:pending', 'BLOCK_JOB_COMPLETED', 'status:concluded', 'status:null']);
   const completed = s.events.find((e) => e.event === 'BLOCK_JOB_COMPLETED')!.data;
   t.same(completed, { type: 'backup', device: 'job0', len: SIZE, offset: SIZE, speed: 0 });
   t.equal(s.guest.child.name, 'disk', 'the filter is gone again');
@@ -75,11 +75,11 @@ t.test('bitmap sync modes under failure and cancel leave the bitmap the model sa
       const copied = [...r.tg.written];
       const expected = mode === 'always' ? [...r.dirty.filter((c) => !copied.includes(c)), 60] : [...r.dirty, 60];
       t.same(r.after, expected.sort((a, b) => a - b), `${mode} after ${how}`);
-      t.match(r.during, [{ name: 'b0', busy: true, recording: false }, { recording: true, busy: false }], 'frozen with an anonymous recording successor while running');
+      t.match(r.during, [{ name: 'b0', busy: true, recording: true }, { recording: true, busy: false }], 'frozen (recording through its successor, as QEMU reports it) with an anonymous recording successor while running');
       t.same(r.s.src.bitmaps.info().map((b) => b.busy), [false], 'free again afterwards, no successor left');
       const last = r.s.events.filter((e) => e.event.startsWith('BLOCK_JOB_')).at(-1)!;
       t.equal(last.event, how === 'cancel' ? 'BLOCK_JOB_CANCELLED' : 'BLOCK_JOB_COMPLETED', `${mode}/${how}: final event`);
-      if (how === 'fail') t.match(last.data, { error: /injected/ });
+      if (how === 'fail') t.match(last.data, { error: 'Input/output error' });
     }
   }
 });

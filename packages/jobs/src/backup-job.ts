@@ -24,8 +24,24 @@ export interface BackupParams {
   discardSource?: boolean;
   onCbwError?: OnCbwError;
   cbwTimeoutSec?: number;
+  /**
+   * Attempts at a range after an I/O error before the error reaches the error policy. Default
+   * 0, as in QEMU: on-source-error / on-target-error see every error (a transient fault that a
+   * retry hides would turn a failed backup into a silent success, iotest 257).
+   */
+  retries?: number;
+  /** Called for each retried error, before the retry (the daemon logs it). */
+  onRetry?: (r: CopyRetry) => void;
   /** Events of the job's copy-before-write filter (X_SHEAR_CBW_ERROR), with the filter's name added. */
   emit?: (event: string, data: Record<string, unknown>) => void;
+}
+
+/** One retried copy error (block-copy's 'retry' event). */
+export interface CopyRetry {
+  offset: number;
+  bytes: number;
+  attempt: number;
+  error: ShearError;
 }
 
 /** What a format target offers for compressed writes (qcow2). */
@@ -42,7 +58,7 @@ const IGNORE_RETRY_DELAY_MS = 100;
  * effective sync mode and bitmap mode; `incremental` becomes `bitmap` with `on-success`.
  * @throws ERR_INVALID_ARGUMENT with QEMU's messages
  */
-export function checkBackupArgs(p: { sync: MirrorSyncMode; bitmap?: string | undefined; bitmapMode?: BitmapSyncMode | undefined }): { sync: Exclude<MirrorSyncMode, 'incremental'>; bitmapMode: BitmapSyncMode | undefined } {
+export function checkBackupArgs(p: { sync: MirrorSyncMode; bitmap?: string | undefined; bitmapMode?: BitmapSyncMode | undefined }, bitmapExists?: (name: string) => boolean): { sync: Exclude<MirrorSyncMode, 'incremental'>; bitmapMode: BitmapSyncMode | undefined } {
   let sync = p.sync;
   let bitmapMode = p.bitmapMode;
   const bad = (m: string) => new ShearError('ERR_INVALID_ARGUMENT', m);
@@ -53,6 +69,8 @@ export function checkBackupArgs(p: { sync: MirrorSyncMode; bitmap?: string | und
     bitmapMode = 'on-success';
   }
   if (p.bitmap) {
+    // QEMU looks the bitmap up before judging the mode (iotest 257's API cases).
+    if (bitmapExists && !bitmapExists(p.bitmap)) throw new ShearError('ERR_BITMAP_NOT_FOUND', `Bitmap '${p.bitmap}' could not be found`, { bitmap: p.bitmap });
     if (bitmapMode === undefined) throw bad('Bitmap sync mode must be given when providing a bitmap');
     if (sync === 'none') throw bad("sync mode 'none' does not produce meaningful bitmap outputs");
     if (bitmapMode === 'never' && sync !== 'bitmap') throw bad(`Bitmap sync mode 'never' has no meaningful effect when combined with sync mode '${sync}'`);
@@ -109,6 +127,8 @@ export class BackupJob implements JobDriver {
   #resumeWaiters: (() => void)[] = [];
   #job: Job | undefined;
   #cleaned = false;
+  /** Copy errors retried instead of reaching the error policy (query-jobs' x-shear-retried). */
+  #retried = 0;
 
   private constructor(init: {
     graph: BlockGraph;
@@ -142,7 +162,7 @@ export class BackupJob implements JobDriver {
    * @throws ERR_INVALID_ARGUMENT, ERR_BITMAP_NOT_FOUND, ERR_BITMAP_BUSY, ERR_BITMAP_INCONSISTENT, ERR_NOT_IMPLEMENTED, ERR_BLOCK_PERMISSION_CONFLICT
    */
   static async create(graph: BlockGraph, pool: CopyWorkerPool | undefined, p: BackupParams): Promise<BackupJob> {
-    const { sync, bitmapMode } = checkBackupArgs(p);
+    const { sync, bitmapMode } = checkBackupArgs(p, (name) => p.source.bitmaps.find(name) !== undefined);
     if (p.source === p.target) throw new ShearError('ERR_INVALID_ARGUMENT', 'Cannot start backup: source and target are the same node');
     if (p.source.length !== p.target.length) throw new ShearError('ERR_INVALID_ARGUMENT', 'Source and target image have different sizes');
     const bitmap = p.bitmap ? p.source.bitmaps.get(p.bitmap) : undefined;
@@ -150,6 +170,8 @@ export class BackupJob implements JobDriver {
     const targetDriver = p.target.driver as Partial<CompressingTarget>;
     const targetCluster = typeof targetDriver.clusterBytes === 'number' ? targetDriver.clusterBytes : 0;
     const clusterBytes = Math.max(65536, targetCluster);
+    const retries = p.retries ?? 0;
+    if (!Number.isSafeInteger(retries) || retries < 0) throw new ShearError('ERR_INVALID_ARGUMENT', `Invalid parameter 'x-shear-retries': ${retries} is not an integer of at least 0`);
     if (p.compress && typeof targetDriver.writeDeflated !== 'function') {
       throw new ShearError('ERR_INVALID_ARGUMENT', `Cannot start backup: compression is not supported by target node "${p.target.name}" (it needs a qcow2 target)`);
     }
@@ -177,6 +199,7 @@ export class BackupJob implements JobDriver {
             ...(p.maxChunk ? { maxChunkBytes: Math.max(p.maxChunk, clusterBytes) } : {}),
             ...(p.maxWorkers ? { maxTasks: p.maxWorkers } : {}),
             speed: p.speed ?? 0,
+            retryAttempts: retries,
             skipUnallocated: sync === 'top',
             ...(prefer ? { prefer } : {}),
             ...(p.compress ? { compress: { clusterBytes, windowBits: 12, writeDeflated: (o: number, d: Uint8Array) => targetDriver.writeDeflated!(o, d) } } : {}),
@@ -226,6 +249,10 @@ export class BackupJob implements JobDriver {
       onTargetError: p.onTargetError ?? 'report',
     });
     if (p.discardSource) job.#discardCopied();
+    job.#cbw.copy.on('retry', (r: CopyRetry) => {
+      job.#retried++;
+      p.onRetry?.(r);
+    });
     return job;
   }
 
@@ -257,13 +284,17 @@ export class BackupJob implements JobDriver {
   }
 
   /**
-   * The fleecing cache this job fills (its copy-before-write target) or drains (its source is a
-   * point-in-time view kept in one): occupancy, spills and drains for query-jobs.
+   * Shear's fields for query-jobs: the copy errors retried (x-shear-retries) and the fleecing
+   * cache this job fills (its copy-before-write target) or drains (its source is a point-in-time
+   * view kept in one): occupancy, spills and drains.
    */
   extraInfo(): Record<string, unknown> {
     const view = this.#source.isOpen ? this.#source.driver : undefined;
     const node = [this.#target, view instanceof SnapshotAccess ? view.filter.targetEdge.child : undefined].find((n) => n?.isOpen && n.driver instanceof FleecingCache);
-    return node ? { 'x-shear-cache': { node: node.name, ...(node.driver as FleecingCache).info() } } : {};
+    return {
+      'x-shear-retried': this.#retried,
+      ...(node ? { 'x-shear-cache': { node: node.name, ...(node.driver as FleecingCache).info() } } : {}),
+    };
   }
 
   get filterNode(): BlockNode {
@@ -283,6 +314,7 @@ export class BackupJob implements JobDriver {
       signal.throwIfAborted();
       return;
     }
+    if (this.#sync === 'top') await this.#dropUnallocated(signal);
     for (;;) {
       try {
         await this.#cbw.copy.run({ signal });
@@ -306,6 +338,30 @@ export class BackupJob implements JobDriver {
       }
     }
     await this.#target.flush();
+  }
+
+  /**
+   * sync=top copies only what the top layer holds: as QEMU does before copying, clusters the top
+   * layer leaves wholly unallocated leave the copy bitmap, so they count neither in the job's
+   * len nor (bitmap mode `always`, after a failure) in what is left to copy.
+   */
+  async #dropUnallocated(signal: AbortSignal): Promise<void> {
+    const copyBitmap = this.#cbw.copy.copyBitmap;
+    const cluster = this.#cbw.copy.clusterBytes;
+    const length = this.#source.length;
+    for (let at = 0; at < length; ) {
+      signal.throwIfAborted();
+      const extents = await this.#source.blockStatus(at, length - at);
+      if (extents.length === 0) break;
+      for (const e of extents) {
+        if (!e.allocated) {
+          const from = Math.ceil(e.offset / cluster) * cluster;
+          const to = e.offset + e.bytes >= length ? length : Math.floor((e.offset + e.bytes) / cluster) * cluster;
+          if (to > from) copyBitmap.reset(from, to - from);
+        }
+        at = Math.max(at, e.offset + e.bytes);
+      }
+    }
   }
 
   pause(): void {

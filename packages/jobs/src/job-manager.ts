@@ -2,6 +2,7 @@ import { ShearError } from '@shear/base';
 import { Job, type JobDriver, type JobEventSink, type JobOptions } from './job.js';
 import { checkJobId } from './job-states.js';
 import { JobTxn } from './job-txn.js';
+import { jobErrorText } from './job-error-text.js';
 
 /** A job as query-jobs shows it (QEMU's JobInfo). */
 export interface JobInfo {
@@ -11,6 +12,8 @@ export interface JobInfo {
   'current-progress': number;
   'total-progress': number;
   error?: string;
+  /** Shear's full message when `error` holds only QEMU's strerror text. */
+  'x-shear-error-detail'?: string;
 }
 
 /** A job as query-block-jobs shows it (QEMU's BlockJobInfo). */
@@ -92,7 +95,11 @@ export class JobManager {
     return this.list().map((j) => {
       const { offset, len } = j.driver.progress();
       const info: JobInfo = { id: j.id, type: j.type, status: j.status, 'current-progress': offset, 'total-progress': len };
-      if (j.error && j.status === 'concluded') info.error = j.error.message;
+      if (j.error && j.status === 'concluded') {
+        info.error = jobErrorText(j.error);
+        // QEMU's field has only strerror's words; the full story (which range, which node) is Shear's.
+        if (info.error !== j.error.message) info['x-shear-error-detail'] = j.error.message;
+      }
       return { ...info, ...j.driver.extraInfo?.() };
     });
   }

@@ -1,4 +1,5 @@
 import type { Job } from './job.js';
+import { jobErrorText } from './job-error-text.js';
 
 /**
  * Jobs that complete together (QEMU's JobTxn; a single job is a transaction of one). When
@@ -22,7 +23,8 @@ export class JobTxn {
     if (!this.jobs.every((j) => j.bodyDone && j.status === 'waiting')) return;
     for (const j of this.jobs) {
       j.transition('pending');
-      if (j.driver.blockJob) j.emit('BLOCK_JOB_PENDING', { type: j.type, id: j.id });
+      // QEMU tells only about a pending job that waits for job-finalize (qemu-storage-daemon 7.2).
+      if (j.driver.blockJob && !j.autoFinalize) j.emit('BLOCK_JOB_PENDING', { type: j.type, id: j.id });
     }
     if (this.jobs.every((j) => j.autoFinalize)) await this.finalize();
   }
@@ -72,7 +74,7 @@ export class JobTxn {
       } else if (j.cancelled && (!j.error || j.error.code === 'ERR_ABORTED')) {
         j.emit('BLOCK_JOB_CANCELLED', { type: j.type, device: j.id, len, offset, speed: j.speed });
       } else {
-        j.emit('BLOCK_JOB_COMPLETED', { type: j.type, device: j.id, len, offset, speed: j.speed, error: j.error?.message ?? 'Job failed' });
+        j.emit('BLOCK_JOB_COMPLETED', { type: j.type, device: j.id, len, offset, speed: j.speed, error: jobErrorText(j.error) });
       }
       j.transition('concluded');
       if (j.autoDismiss) j.transition('null');

@@ -41,6 +41,9 @@ export async function backupAction(args: Record<string, unknown>, tx: Transactio
   // filter (a fleecing job with sync=none, say) needs them as much.
   const onCbwError = a.enumOf('x-shear-on-cbw-error', ['break-guest-write', 'break-snapshot'] as const, 'break-guest-write')!;
   const cbwTimeoutSec = a.int('x-shear-cbw-timeout', { min: 0, fallback: 0 })!;
+  // QEMU hands every I/O error to the error policy; retrying first is Shear's, and opt-in.
+  // The bound only keeps the back-off (doubling per attempt) finite.
+  const retries = a.int('x-shear-retries', { min: 0, max: 10, fallback: 0 })!;
   a.done();
   ctx.jobs.checkNewId(jobId);
   const source = lookupNode(ctx, device);
@@ -61,6 +64,9 @@ export async function backupAction(args: Record<string, unknown>, tx: Transactio
     discardSource,
     onCbwError,
     cbwTimeoutSec,
+    retries,
+    onRetry: (r) =>
+      ctx.log.warn({ evt: 'job.retry', job: jobId, node: device, offset: r.offset, bytes: r.bytes, attempt: r.attempt, of: retries, err: r.error }, 'retrying a failed copy range'),
     emit: (event, data) => ctx.emit(event, data),
   });
   let job: Job;
