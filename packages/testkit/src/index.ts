@@ -1,2 +1,2 @@
-export { haveTool, requireTools } from './require-tool.js';
+export { haveTool, requireTools, haveLibnbdPython, requireLibnbdPython, LIBNBD_PYTHON } from './require-tool.js';
 export { LeakTracker, installLeakCheck, openFds, childProcesses, type Leak, type FdInfo, type ChildInfo, type LeakCheckOptions } from './leak-check.js';

@@ -22,14 +22,8 @@ interface SkippableTest {
   fail(...args: any[]): unknown;
 }
 
-/**
- * Returns true when every tool is present. Otherwise fails the test under CI, or skips it with
- * a loud message locally, and returns false so the caller can return early.
- */
-export function requireTools(t: SkippableTest, ...names: string[]): boolean {
-  const missing = names.filter((n) => !haveTool(n));
-  if (missing.length === 0) return true;
-  const msg = `required tool(s) missing: ${missing.join(', ')} (run: npm run setup)`;
+/** Fails the test under CI, or skips it with a loud message locally: one policy for every missing requirement. */
+function missing(t: SkippableTest, msg: string): false {
   if (process.env['CI']) {
     t.fail(msg);
   } else {
@@ -37,4 +31,36 @@ export function requireTools(t: SkippableTest, ...names: string[]): boolean {
     t.pass(msg, { skip: msg });
   }
   return false;
+}
+
+/**
+ * Returns true when every tool is present. Otherwise fails the test under CI, or skips it with
+ * a loud message locally, and returns false so the caller can return early.
+ */
+export function requireTools(t: SkippableTest, ...names: string[]): boolean {
+  const absent = names.filter((n) => !haveTool(n));
+  if (absent.length === 0) return true;
+  return missing(t, `required tool(s) missing: ${absent.join(', ')} (run: npm run setup)`);
+}
+
+/**
+ * Debian's python3 with the libnbd bindings (python3-libnbd is built for /usr/bin/python3; another
+ * python3 first on PATH may lack them).
+ */
+export const LIBNBD_PYTHON = '/usr/bin/python3';
+
+/** Whether LIBNBD_PYTHON can `import nbd`. */
+export function haveLibnbdPython(): boolean {
+  try {
+    execFileSync(LIBNBD_PYTHON, ['-c', 'import nbd'], { stdio: 'ignore' });
+    return true;
+  } catch {
+    return false;
+  }
+}
+
+/** requireTools for python3-libnbd: the same failure under CI, the same loud skip locally. */
+export function requireLibnbdPython(t: SkippableTest): boolean {
+  if (haveLibnbdPython()) return true;
+  return missing(t, `required package missing: python3-libnbd (${LIBNBD_PYTHON} cannot import nbd; run: npm run setup)`);
 }
