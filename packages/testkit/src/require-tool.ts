@@ -49,10 +49,10 @@ export function requireTools(t: SkippableTest, ...names: string[]): boolean {
  */
 export const LIBNBD_PYTHON = '/usr/bin/python3';
 
-/** Whether LIBNBD_PYTHON can `import nbd`. */
-export function haveLibnbdPython(): boolean {
+/** Whether `python` (LIBNBD_PYTHON unless a test names another) can `import nbd`. */
+export function haveLibnbdPython(python = LIBNBD_PYTHON): boolean {
   try {
-    execFileSync(LIBNBD_PYTHON, ['-c', 'import nbd'], { stdio: 'ignore' });
+    execFileSync(python, ['-c', 'import nbd'], { stdio: 'ignore' });
     return true;
   } catch {
     return false;
@@ -60,7 +60,7 @@ export function haveLibnbdPython(): boolean {
 }
 
 /** requireTools for python3-libnbd: the same failure under CI, the same loud skip locally. */
-export function requireLibnbdPython(t: SkippableTest): boolean {
-  if (haveLibnbdPython()) return true;
-  return missing(t, `required package missing: python3-libnbd (${LIBNBD_PYTHON} cannot import nbd; run: npm run setup)`);
+export function requireLibnbdPython(t: SkippableTest, python = LIBNBD_PYTHON): boolean {
+  if (haveLibnbdPython(python)) return true;
+  return missing(t, `required package missing: python3-libnbd (${python} cannot import nbd; run: npm run setup)`);
 }
