@@ -12,13 +12,19 @@ export interface RunResult {
   stderr: string;
 }
 
-/** Runs `shear ARGS`; `onSpawn` may signal the child (for interruption tests). */
-export function shear(args: string[], opts: { onSpawn?: (kill: (sig: NodeJS.Signals) => void, stderr: () => string) => void; env?: NodeJS.ProcessEnv } = {}): Promise<RunResult> {
+/**
+ * Runs `shear ARGS`; `onSpawn` may signal the child (for interruption tests); `onStdout` sees
+ * the output so far each time more arrives (to wait for a state the command reports).
+ */
+export function shear(args: string[], opts: { onSpawn?: (kill: (sig: NodeJS.Signals) => void, stderr: () => string) => void; onStdout?: (stdout: string) => void; env?: NodeJS.ProcessEnv } = {}): Promise<RunResult> {
   return new Promise((resolve, reject) => {
     const child = spawn(process.execPath, [SHEAR_BIN, ...args], { stdio: ['ignore', 'pipe', 'pipe'], env: { ...process.env, ...opts.env } });
     let stdout = '';
     let stderr = '';
-    child.stdout.on('data', (d) => (stdout += d));
+    child.stdout.on('data', (d) => {
+      stdout += d;
+      opts.onStdout?.(stdout);
+    });
     child.stderr.on('data', (d) => (stderr += d));
     child.on('error', reject);
     child.on('close', (code, signal) => resolve({ code, signal, stdout, stderr }));

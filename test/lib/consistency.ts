@@ -3,6 +3,7 @@ import { createHash } from 'node:crypto';
 import { readFileSync } from 'node:fs';
 import { promisify } from 'node:util';
 import { jobEnd, type DaemonHandle } from './daemon.js';
+import { LIBNBD_PYTHON } from '@shear/testkit';
 
 const run = promisify(execFile);
 export const CLUSTER = 65536;
@@ -39,7 +40,7 @@ export class Writer {
   readonly #proc: ChildProcess;
   readonly #done: Promise<number>;
   constructor(uri: string, seed: number) {
-    this.#proc = spawn('/usr/bin/python3', ['-c', WRITER, uri, String(seed)], { stdio: ['ignore', 'pipe', 'pipe'] });
+    this.#proc = spawn(LIBNBD_PYTHON, ['-c', WRITER, uri, String(seed)], { stdio: ['ignore', 'pipe', 'pipe'] });
     let out = '';
     let err = '';
     this.#proc.stdout!.on('data', (d) => (out += d));

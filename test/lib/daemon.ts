@@ -63,9 +63,10 @@ export async function startDaemon(_dir: string, extraArgs: string[] = [], opts: 
     if (process.env['SHEAR_TEST_LOG']) process.stderr.write(d);
   });
   const exited = new Promise<number | null>((resolve) => proc.once('exit', (code) => resolve(code)));
-  // A hang guard only (up to 60 s): a loaded machine (the suite beside CPU hogs) starts node slowly.
-  for (let i = 0; i < 2400 && !existsSync(socket); i++) {
-    if (proc.exitCode !== null || proc.signalCode !== null) break;
+  // Waits for a state (the socket exists, or the process ended), not a time: on a loaded machine
+  // a daemon can take far longer than usual to start. The bound only catches a hung start.
+  const startBy = Date.now() + 120_000;
+  while (!existsSync(socket) && proc.exitCode === null && proc.signalCode === null && Date.now() < startBy) {
     await new Promise((r) => setTimeout(r, 25));
   }
   if (!existsSync(socket)) {

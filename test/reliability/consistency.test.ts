@@ -1,5 +1,5 @@
 import t from 'tap';
-import { requireTools } from '@shear/testkit';
+import { requireLibnbdPython, requireTools } from '@shear/testkit';
 import { consistencyRound } from '../lib/consistency-run.js';
 
 const MiB = 2 ** 20;
@@ -12,7 +12,7 @@ const ROUNDS = [
 
 for (const r of ROUNDS) {
   t.test(`point in time under a random writer: seed ${r.seed}, ${r.workers} worker(s), bitmap granularity ${r.granularity}`, async (t) => {
-    if (!requireTools(t, 'qemu-img', 'nbdcopy')) return;
+    if (!requireTools(t, 'qemu-img', 'nbdcopy') || !requireLibnbdPython(t)) return;
     const report = await consistencyRound({ dir: t.testdir(), ...r });
     t.equal(report.backups, 4, 'full, incremental, pull and fleecing-cache backups all ran');
     t.ok(report.writes > 50, `the guest wrote throughout (${report.writes} writes)`);

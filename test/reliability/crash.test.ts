@@ -5,7 +5,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { execFile } from 'node:child_process';
 import { promisify } from 'node:util';
-import { requireTools } from '@shear/testkit';
+import { requireLibnbdPython, requireTools } from '@shear/testkit';
 import { startDaemon } from '../lib/daemon.js';
 import { qemuImg, qemuImgCheck } from '../lib/images.js';
 import { Writer, awaitJob, clusterHashes, imageBytes, mismatches } from '../lib/consistency.js';
@@ -15,7 +15,7 @@ const MiB = 2 ** 20;
 const SIZE = 32 * MiB;
 
 t.test('kill -9 during a backup under heavy writes: completed backups stay intact, bitmaps come back inconsistent', async (t) => {
-  if (!requireTools(t, 'qemu-img', 'nbdcopy')) return;
+  if (!requireTools(t, 'qemu-img', 'nbdcopy') || !requireLibnbdPython(t)) return;
   const dir = t.testdir();
   const sockDir = mkdtempSync(path.join(os.tmpdir(), 'shear-crash-'));
   t.teardown(() => rmSync(sockDir, { recursive: true, force: true }));

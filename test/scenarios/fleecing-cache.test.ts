@@ -1,6 +1,7 @@
 import t, { type Test } from 'tap';
 import { readFileSync, statSync, writeFileSync } from 'node:fs';
 import path from 'node:path';
+import { QmpClient } from '@shear/qmp';
 import { requireTools } from '@shear/testkit';
 import { shear } from '../lib/cli.js';
 import { jobEnd, startDaemon, type DaemonHandle } from '../lib/daemon.js';
@@ -98,22 +99,41 @@ t.test('full cache with cbw-timeout: guest writes wait for the drain instead of 
   await d.cmd('blockdev-add', { driver: 'copy-before-write', 'node-name': 'cbw', file: 'disk0', target: 'cache', 'on-cbw-error': 'break-guest-write', 'cbw-timeout': 30 });
   await d.cmd('blockdev-add', { driver: 'snapshot-access', 'node-name': 'snap', file: 'cbw' });
   await d.cmd('blockdev-add', { driver: 'file', 'node-name': 'final', filename: final });
-  // A slow target: 1 MiB/s (16 chunks a second) while the guest writes; far slower than the guest,
-  // so the cache fills however busy the machine is. Unlimited once the guest is done.
+  // A slow target: 1 MiB/s (16 chunks a second) while the guest writes. Unlimited once the guest is done.
   await d.cmd('blockdev-backup', { 'job-id': 'drain', device: 'snap', target: 'final', sync: 'full', 'discard-source': true, speed: MiB, 'x-perf': { 'max-chunk': C, 'max-workers': 2 } });
-  // What an operator runs to follow it.
-  const watcher = shear(['jobs', '--qmp', `unix:${d.socket}`, '--watch', '--job', 'drain', '--interval', '100']);
+  // Held until the cache is full: however busy the machine, the guest must outrun the drain here,
+  // so the test waits for states (paused, watching, full) instead of racing the rate limit.
+  await d.cmd('job-pause', { id: 'drain' });
+  t.match(await d.cmd('query-jobs'), [{ id: 'drain', status: 'paused' }]);
+  // What an operator runs to follow it; its first line means it is subscribed to the events.
+  let watching!: () => void;
+  const watcherReady = new Promise<void>((resolve) => (watching = resolve));
+  const watcher = shear(['jobs', '--qmp', `unix:${d.socket}`, '--watch', '--job', 'drain', '--interval', '100'], { onStdout: (out) => out.includes('\n') && watching() });
+  await watcherReady;
   let peak = 0;
+  const sample = async (c: number) => {
+    const jobs = await d.cmd<{ id: string; 'x-shear-cache'?: { node: string; 'ram-used': number; 'file-used': number } }[]>('query-jobs');
+    const info = jobs.find((j) => j.id === 'drain')?.['x-shear-cache'];
+    if (info) peak = Math.max(peak, info['ram-used'] + info['file-used']);
+    if (c === 240) t.match(info, { node: 'cache', 'ram-bytes': 4 * C, 'file-bytes': 4 * C }, 'query-jobs shows the cache the job drains');
+  };
+  // The guest writes on its own connection: a QMP connection runs one command at a time, so a
+  // write waiting for space there would hold up the job-resume that makes space.
+  const guest = await QmpClient.connect(d.socket);
+  t.teardown(() => guest.close());
+  const write = (c: number) => guest.execute('x-shear-io', { node: 'cbw', command: `write -P 0x45 ${c * C} 64k` });
   // From the top down: the drain copies unchanged clusters from the bottom up, so these still
-  // need preserving when the guest overwrites them.
-  for (let c = 255; c >= 192; c--) {
-    await d.cmd('x-shear-io', { node: 'cbw', command: `write -P 0x45 ${c * C} 64k` });
-    if (c % 16 === 0) {
-      const jobs = await d.cmd<{ id: string; 'x-shear-cache'?: { node: string; 'ram-used': number; 'file-used': number } }[]>('query-jobs');
-      const info = jobs.find((j) => j.id === 'drain')?.['x-shear-cache'];
-      if (info) peak = Math.max(peak, info['ram-used'] + info['file-used']);
-      if (c === 240) t.match(info, { node: 'cache', 'ram-bytes': 4 * C, 'file-bytes': 4 * C }, 'query-jobs shows the cache the job drains');
-    }
+  // need preserving when the guest overwrites them. Eight fill RAM and file; the ninth waits.
+  for (let c = 255; c > 247; c--) await write(c);
+  const full = d.qmp.waitEvent('X_SHEAR_CACHE_STATE', (e) => e['state'] === 'full', { timeoutMs: 60_000 });
+  const ninth = write(247);
+  t.match((await full).data, { node: 'cache', state: 'full', waiting: 1 }, 'the ninth write waits: the cache is full');
+  await sample(247);
+  await d.cmd('job-resume', { id: 'drain' });
+  await ninth;
+  for (let c = 246; c >= 192; c--) {
+    await write(c);
+    if (c % 16 === 0) await sample(c);
   }
   const once = await shear(['jobs', '--qmp', `unix:${d.socket}`]);
   t.match(once.stdout, /^drain {2}backup {2}running {2}[\d.]+% .* cache cache \w+: RAM /m, 'shear jobs shows the job with its cache');

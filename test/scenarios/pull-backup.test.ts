@@ -5,7 +5,7 @@ import { readFileSync, writeFileSync } from 'node:fs';
 import { mkdtempSync, rmSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { requireTools } from '@shear/testkit';
+import { LIBNBD_PYTHON, requireLibnbdPython, requireTools } from '@shear/testkit';
 import { startDaemon, type DaemonHandle } from '../lib/daemon.js';
 import { makeRawImage, qemuImg } from '../lib/images.js';
 
@@ -16,7 +16,7 @@ const SIZE = 16 * MiB;
 
 /** A python3-libnbd script run against an export; prints JSON on stdout. */
 async function py(script: string, ...args: string[]): Promise<unknown> {
-  const { stdout } = await run('/usr/bin/python3', ['-c', script, ...args], { maxBuffer: 64 * MiB });
+  const { stdout } = await run(LIBNBD_PYTHON, ['-c', script, ...args], { maxBuffer: 64 * MiB });
   return JSON.parse(stdout);
 }
 
@@ -60,7 +60,7 @@ async function cbwProgress(d: DaemonHandle, id: string): Promise<number> {
 }
 
 t.test('pull backups through the fleecing export while a writer changes the live disk', async (t) => {
-  if (!requireTools(t, 'nbdcopy', 'qemu-img')) return;
+  if (!requireTools(t, 'nbdcopy', 'qemu-img') || !requireLibnbdPython(t)) return;
   const dir = t.testdir();
   const sockDir = mkdtempSync(path.join(os.tmpdir(), 'shear-nbd-'));
   t.teardown(() => rmSync(sockDir, { recursive: true, force: true }));

@@ -4,7 +4,7 @@ import { readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { BlockGraph, MemoryDriver, PERM_ALL, PERM_CONSISTENT_READ, PERM_WRITE, filterChildPerms } from '@shear/block';
 import { CBW_INFO, CopyBeforeWrite, SNAPSHOT_ACCESS_INFO, SnapshotAccess } from '@shear/fleecing';
-import { requireTools } from '@shear/testkit';
+import { requireLibnbdPython, requireTools } from '@shear/testkit';
 import { nbdUri } from './address.js';
 import { RawClient, readData, replyError, statusExtents } from './raw-client.fixture.js';
 import { KiB, MiB, serve, shortDir } from './setup.fixture.js';
@@ -141,11 +141,7 @@ print(json.dumps(res))
 `;
 
 t.test('python3-libnbd: TRIM on the fleecing export, then reads fail with EINVAL; writes EPERM', async (t) => {
-  if (!requireTools(t, PYTHON)) return;
-  if ((await run(PYTHON, ['-c', 'import nbd'])).code !== 0) {
-    t.pass('python3-libnbd missing', { skip: 'python3-libnbd is not installed' });
-    return;
-  }
+  if (!requireLibnbdPython(t)) return;
   const f = await fleecing(t);
   const script = join(shortDir(t), 'fleece.py');
   writeFileSync(script, FLEECE_PY);

@@ -4,7 +4,7 @@ import { readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { ShearError } from '@shear/base';
 import { BlockGraph, MemoryDriver, PERM_ALL, PERM_CONSISTENT_READ, PERM_WRITE, filterChildPerms, type BlockIO, type BlockStatusExtent, type WriteZeroesOptions } from '@shear/block';
-import { requireTools } from '@shear/testkit';
+import { requireLibnbdPython, requireTools } from '@shear/testkit';
 import { nbdUri } from './address.js';
 import { KiB, MiB, makeDisk, serve, shortDir } from './setup.fixture.js';
 import { PYTHON, run, runOk } from './tools.fixture.js';
@@ -157,12 +157,7 @@ print(json.dumps(res))
 `;
 
 t.test('python3-libnbd: out-of-order replies, REQ_ONE, FAST_ZERO refused with ENOTSUP', async (t) => {
-  if (!requireTools(t, PYTHON)) return;
-  const probe = await run(PYTHON, ['-c', 'import nbd']);
-  if (probe.code !== 0) {
-    t.pass('python3-libnbd missing', { skip: 'python3-libnbd is not installed' });
-    return;
-  }
+  if (!requireLibnbdPython(t)) return;
   const graph = new BlockGraph();
   const driver = new GatedDriver(1 * MiB, 0);
   const content = randomBytes(1 * MiB);

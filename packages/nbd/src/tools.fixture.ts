@@ -34,7 +34,7 @@ export async function runOk(t: Test, cmd: string, args: string[], opts: { timeou
 }
 
 /** The python that has the libnbd bindings (Debian's; a pyenv python on PATH may lack them). */
-export const PYTHON = existsSync('/usr/bin/python3') ? '/usr/bin/python3' : 'python3';
+export { LIBNBD_PYTHON as PYTHON } from '@shear/testkit';
 
 /**
  * Starts a server process (qemu-nbd, nbdkit) that listens on `socket`, waits until the socket

@@ -53,3 +53,25 @@ export function requireNativeAddon(t: SkippableTest, native: { available: boolea
   if (native.available) return true;
   return missing(t, `native addon not available (${native.fallbackReason}); build it with: npm run build:addon -w @shear/native`);
 }
+
+/**
+ * Debian's python3 with the libnbd bindings (python3-libnbd is built for /usr/bin/python3; another
+ * python3 first on PATH may lack them).
+ */
+export const LIBNBD_PYTHON = '/usr/bin/python3';
+
+/** Whether `python` (LIBNBD_PYTHON unless a test names another) can `import nbd`. */
+export function haveLibnbdPython(python = LIBNBD_PYTHON): boolean {
+  try {
+    execFileSync(python, ['-c', 'import nbd'], { stdio: 'ignore' });
+    return true;
+  } catch {
+    return false;
+  }
+}
+
+/** requireTools for python3-libnbd: the same failure under CI, the same loud skip locally. */
+export function requireLibnbdPython(t: SkippableTest, python = LIBNBD_PYTHON): boolean {
+  if (haveLibnbdPython(python)) return true;
+  return missing(t, `required package missing: python3-libnbd (${python} cannot import nbd; run: npm run setup)`);
+}
