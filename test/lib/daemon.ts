@@ -63,7 +63,8 @@ export async function startDaemon(_dir: string, extraArgs: string[] = [], opts: 
     if (process.env['SHEAR_TEST_LOG']) process.stderr.write(d);
   });
   const exited = new Promise<number | null>((resolve) => proc.once('exit', (code) => resolve(code)));
-  for (let i = 0; i < 200 && !existsSync(socket); i++) {
+  // A hang guard only: on a loaded machine (CPU hogs beside the suite) start-up takes seconds.
+  for (let i = 0; i < 2400 && !existsSync(socket); i++) {
     if (proc.exitCode !== null) break;
     await new Promise((r) => setTimeout(r, 25));
   }

@@ -182,7 +182,7 @@ export class NbdExport {
     this.#clients.add(client);
   }
 
-  /** @internal A connection is finished (closed, its requests done). */
+  /** @internal A connection is finished: its client left (DISC, EOF, error) and its requests are done. */
   detach(client: ExportClient): void {
     this.#clients.delete(client);
     this.#maybeGone();
