@@ -383,7 +383,9 @@ export class ServerConnection implements ExportClient {
   /** Runs one request and sends its reply. Never rejects. */
   async #handle(b: Binding, req: RequestHeader, payload: Buffer | undefined): Promise<void> {
     const fastZero = (req.flags & NBD_CMD_FLAG_FAST_ZERO) !== 0;
-    const refusal = checkRequest(req, { size: b.size, transmissionFlags: b.flags, structured: b.structured, contextCount: b.contexts.length });
+    const refusal =
+      checkRequest(req, { size: b.size, transmissionFlags: b.flags, structured: b.structured, contextCount: b.contexts.length }) ??
+      (req.type === NBD_CMD_WRITE || req.type === NBD_CMD_WRITE_ZEROES ? b.exp.dataWriteRefusal : null);
     if (refusal) {
       this.#replyError(b, req, refusal.error, refusal.message);
       return;
