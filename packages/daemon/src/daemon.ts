@@ -31,8 +31,9 @@ export interface DaemonOptions {
 
 /**
  * The daemon: one block graph, one job manager, one worker pool, one QMP server. Owns all of
- * them; shutdown() releases them in order: stop taking commands, cancel jobs and wait for
- * them, close nodes (parents first), stop the workers.
+ * them; shutdown() releases them in order: stop taking commands, drop NBD clients, cancel jobs
+ * and wait for them (their events still reach QMP clients), close nodes (parents first), close
+ * the QMP connections without waiting for clients to leave, stop the workers.
  */
 export class ShearDaemon {
   readonly graph = new BlockGraph();
@@ -125,7 +126,8 @@ export class ShearDaemon {
         this.log.error({ evt: 'daemon.shutdown_step_failed', step: name, err }, 'shutdown step failed');
       }
     };
-    await step('qmp', () => this.qmp.close());
+    // QMP takes no more commands, but its clients stay connected to see the jobs' events.
+    await step('qmp-quiesce', () => this.qmp.quiesce());
     await step('nbd', () => this.nbd.close());
     await step('jobs', () => this.jobs.cancelAll());
     await step('nodes', async () => {
@@ -137,6 +139,8 @@ export class ShearDaemon {
         for (const n of free) await this.graph.removeNode(n.name);
       }
     });
+    // Clients see their socket close once the nodes are flushed and closed; nobody is waited for.
+    await step('qmp', () => this.qmp.close());
     await step('workers', async () => this.pool?.destroy());
     this.log.info({ evt: 'daemon.stopped', reason, failedSteps: errors.length }, 'shear daemon stopped');
     this.#closed();

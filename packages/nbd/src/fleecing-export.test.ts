@@ -12,7 +12,8 @@ import { PYTHON, run, runOk } from './tools.fixture.js';
 
 /**
  * The fleecing export (seed 002): a point-in-time view served without READ_ONLY and with TRIM,
- * so backup clients can say which clusters they have. Writes are refused (EPERM) by the node;
+ * so backup clients can say which clusters they have. Writes are refused (EPERM; ENOTSUP when
+ * the export was added writable, as QEMU 7.2 answers) before they reach the node;
  * TRIM rounds inward to clusters; reads of trimmed clusters fail with EINVAL; a sub-cluster
  * TRIM is a successful no-op. The live disk is exported beside it and written meanwhile.
  */
@@ -21,8 +22,9 @@ const C = 64 * KiB;
 const SIZE = 4 * MiB;
 const EPERM = 1;
 const EINVAL = 22;
+const ENOTSUP = 95;
 
-async function fleecing(t: Test) {
+async function fleecing(t: Test, writable = false) {
   const graph = new BlockGraph();
   const info = { name: 'memory', childPerms: filterChildPerms };
   const source = new MemoryDriver({ length: SIZE });
@@ -47,7 +49,7 @@ async function fleecing(t: Test) {
   const guest = graph.attachUser({ kind: 'user', name: 'nbd-disk' }, cbw, PERM_WRITE | PERM_CONSISTENT_READ, PERM_ALL);
   const snap = await graph.addNode({ name: 'snap', info: SNAPSHOT_ACCESS_INFO, children: [{ role: 'file', node: cbw }], open: async (c) => new SnapshotAccess(c.get('file')!) });
   const reader = graph.attachUser({ kind: 'user', name: 'nbd-fleece' }, snap, PERM_CONSISTENT_READ | PERM_WRITE, PERM_ALL);
-  const s = await serve(t, { graph, node: snap, memory: source, content: original }, { name: 'fleece', edge: reader, writable: false, fleecing: true, bitmaps: [bm] });
+  const s = await serve(t, { graph, node: snap, memory: source, content: original }, { name: 'fleece', edge: reader, writable, fleecing: true, bitmaps: [bm] });
   s.server.addExport({ name: 'disk', edge: guest, writable: true });
   return { ...s, original, source, bm };
 }
@@ -76,7 +78,7 @@ t.test('the snapshot stays as it was while the live disk is written over NBD; TR
   t.ok(readData(await fl.reply(), 0, SIZE).equals(f.original), 'the fleecing export still serves the point in time');
 
   fl.sendReq(1, { offset: 0, payload: Buffer.alloc(512) });
-  t.equal(replyError(await fl.reply()).error, EPERM, 'WRITE: EPERM from the node');
+  t.equal(replyError(await fl.reply()).error, EPERM, 'WRITE: EPERM (the export is read-only but for TRIM)');
   fl.sendReq(6, { offset: 0, length: 512 });
   t.equal(replyError(await fl.reply()).error, EPERM, 'WRITE_ZEROES (not offered, sent anyway): EPERM');
 
@@ -105,6 +107,32 @@ t.test('the snapshot stays as it was while the live disk is written over NBD; TR
   const st = statusExtents(await fl.reply());
   t.same(st.get(fl.contexts.get('qemu:dirty-bitmap:backup-vda')!), [[2 * C, 0], [3 * C, 1], [C, 0]], 'TRIM does not change the exported bitmap');
   live.close();
+  fl.close();
+});
+
+t.test('added writable (as scripts for QEMU do): WRITE_ZEROES offered, writes ENOTSUP as QEMU 7.2 answers, TRIM works, nothing written', async (t) => {
+  const f = await fleecing(t, true);
+  const fl = await RawClient.connect(f.address);
+  await fl.go('fleece');
+  t.equal(fl.tflags, 0x0ded, 'HAS_FLAGS|FLUSH|FUA|TRIM|WRITE_ZEROES|DF|MULTI_CONN|CACHE|FAST_ZERO, not READ_ONLY');
+  t.match(f.server.listExports()[0], { name: 'fleece', fleecing: true, writable: true });
+  fl.sendReq(1, { offset: 0, payload: Buffer.alloc(C, 0x33) });
+  t.equal(replyError(await fl.reply()).error, ENOTSUP, 'WRITE');
+  fl.sendReq(1, { offset: 5 * C, payload: Buffer.alloc(512, 0x33), flags: 1 });
+  t.equal(replyError(await fl.reply()).error, ENOTSUP, 'WRITE with FUA');
+  for (const flags of [0, 2, 16]) {
+    fl.sendReq(6, { offset: 6 * C, length: C, flags });
+    t.equal(replyError(await fl.reply()).error, ENOTSUP, `WRITE_ZEROES flags ${flags}`);
+  }
+  fl.sendReq(4, { offset: 2 * C, length: C });
+  t.equal(replyError(await fl.reply()).error, 0, 'TRIM');
+  fl.sendReq(0, { offset: 2 * C, length: C });
+  t.equal(replyError(await fl.reply()).error, EINVAL, 'the trimmed cluster left the view');
+  fl.sendReq(0, { offset: 3 * C, length: SIZE - 3 * C });
+  t.ok(readData(await fl.reply(), 3 * C, SIZE - 3 * C).equals(f.original.subarray(3 * C)), 'the view is unchanged');
+  const src = Buffer.alloc(SIZE);
+  await f.source.read(0, src);
+  t.ok(src.equals(f.original), 'the source is unchanged');
   fl.close();
 });
 

@@ -12,7 +12,10 @@ import { listenUnix, type UnixListener } from './unix-socket.js';
 /** QEMU release whose QMP behaviour Shear reproduces, reported in the greeting. */
 export const QEMU_COMPAT_VERSION = { micro: 0, minor: 2, major: 7 } as const;
 export const DEFAULT_MAX_OUTPUT_BYTES = 16 * 1024 * 1024;
+/** How long closing waits for running commands (cancelled through their signal) to settle. */
 export const DEFAULT_CLOSE_TIMEOUT_MS = 10_000;
+/** How long closing waits for a connection's last output to reach the kernel (a client that reads nothing). */
+export const OUTPUT_FLUSH_TIMEOUT_MS = 1000;
 
 const SHEAR_VERSION: string = (JSON.parse(readFileSync(new URL('../package.json', import.meta.url), 'utf8')) as { version: string }).version;
 
@@ -32,7 +35,7 @@ export interface QmpServerOptions {
   limits?: Partial<JsonStreamLimits>;
   /** A client that lets this much unread output pile up is disconnected. */
   maxOutputBytes?: number;
-  /** How long close() waits for running commands and for clients to go, before destroying. */
+  /** How long quiesce() and close() wait for running commands to settle after cancelling them. */
   closeTimeoutMs?: number;
 }
 
@@ -76,12 +79,13 @@ export class QmpServer {
   readonly #log: QmpLogger;
   readonly #host: SessionHost;
   readonly #sessions = new Set<QmpSession>();
-  readonly #sessionsEnded = new Set<() => void>();
   #nextSessionId = 1;
   #unix: UnixListener | undefined;
   #tcp: net.Server | undefined;
   #listening = false;
+  #quiescing: Promise<void> | undefined;
   #closing: Promise<void> | undefined;
+  #listenersClosed: Promise<void> = Promise.resolve();
 
   constructor(opts: QmpServerOptions = {}) {
     if (opts.path === undefined && opts.tcp === undefined) {
@@ -117,7 +121,7 @@ export class QmpServer {
 
   /** Starts listening. @throws ERR_QMP_SOCKET_IN_USE, or a system error from bind */
   async listen(): Promise<void> {
-    if (this.#listening || this.#closing) {
+    if (this.#listening || this.#quiescing) {
       throw new ShearError('ERR_INVALID_ARGUMENT', 'Cannot start QMP server: it was started already');
     }
     this.#listening = true;
@@ -127,7 +131,7 @@ export class QmpServer {
       // arrives after it began is closed here; otherwise it would keep the process alive.
       if (this.#opts.path !== undefined) {
         const unix = await listenUnix(this.#opts.path, (socket) => this.#accept(socket, 'unix'));
-        if (this.#closing) {
+        if (this.#quiescing) {
           await unix.close();
           return;
         }
@@ -146,7 +150,7 @@ export class QmpServer {
             done();
           });
         });
-        if (this.#closing) {
+        if (this.#quiescing) {
           await new Promise<void>((done) => server.close(() => done()));
           return;
         }
@@ -192,9 +196,20 @@ export class QmpServer {
   }
 
   /**
-   * Stops accepting, cancels running commands through their AbortSignal, waits for them to
-   * settle and for every connection to close (at most closeTimeoutMs, then destroys), removes
-   * the socket file. Idempotent.
+   * First half of close(): stops accepting connections and reading commands, cancels running
+   * commands through their AbortSignal and waits for them to settle (at most closeTimeoutMs).
+   * Connections stay open and still get events: a daemon quitting cancels its jobs after this,
+   * and their events must reach the clients. Idempotent.
+   */
+  quiesce(): Promise<void> {
+    this.#quiescing ??= this.#quiesce();
+    return this.#quiescing;
+  }
+
+  /**
+   * Quiesces, then hands each connection's output to the kernel and closes it without waiting
+   * for the client to hang up (at most OUTPUT_FLUSH_TIMEOUT_MS for a client that reads nothing),
+   * and removes the socket file. Idempotent.
    */
   close(): Promise<void> {
     this.#closing ??= this.#close();
@@ -205,31 +220,25 @@ export class QmpServer {
     await this.close();
   }
 
-  async #close(): Promise<void> {
-    const unixClosed = this.#unix?.close();
+  async #quiesce(): Promise<void> {
+    const unix = this.#unix;
     const tcp = this.#tcp;
-    const tcpClosed = tcp ? new Promise<void>((done) => tcp.close(() => done())) : undefined;
-    let timer: NodeJS.Timeout | undefined;
-    const deadline = new Promise<void>((done) => {
-      timer = setTimeout(done, this.#opts.closeTimeoutMs ?? DEFAULT_CLOSE_TIMEOUT_MS);
-    });
-    try {
-      const reason = new ShearError('ERR_ABORTED', 'Cannot finish QMP command: the server is closing');
-      await Promise.all([...this.#sessions].map((s) => s.shutdown(reason, deadline)));
-      // Sessions whose socket closed but whose command is still running end later.
-      if (this.#sessions.size > 0) {
-        await Promise.race([new Promise<void>((done) => this.#sessionsEnded.add(() => this.#sessions.size === 0 && done())), deadline]);
-      }
-    } finally {
-      clearTimeout(timer);
-      this.#sessionsEnded.clear();
-    }
-    await Promise.all([unixClosed, tcpClosed]);
+    this.#listenersClosed = Promise.all([unix?.close(), tcp ? new Promise<void>((done) => tcp.close(() => done())) : undefined]).then(() => {});
+    const reason = new ShearError('ERR_ABORTED', 'Cannot finish QMP command: the server is closing');
+    await withDeadline(this.#opts.closeTimeoutMs ?? DEFAULT_CLOSE_TIMEOUT_MS, (deadline) =>
+      Promise.all([...this.#sessions].map((s) => Promise.race([s.quiesce(reason), deadline]))).then(() => {}),
+    );
+  }
+
+  async #close(): Promise<void> {
+    await this.quiesce();
+    await withDeadline(OUTPUT_FLUSH_TIMEOUT_MS, (deadline) => Promise.all([...this.#sessions].map((s) => s.close(deadline))).then(() => {}));
+    await this.#listenersClosed;
     this.#log.info({}, 'qmp server closed');
   }
 
   #accept(socket: net.Socket, peer: string): void {
-    if (this.#closing) {
+    if (this.#quiescing) {
       socket.destroy();
       return;
     }
@@ -240,7 +249,16 @@ export class QmpServer {
 
   #sessionEnded(session: QmpSession): void {
     this.#sessions.delete(session);
-    for (const fn of this.#sessionsEnded) fn();
   }
 }
 
+/** Runs `fn` with a promise that resolves after `ms`; the timer never outlives the call. */
+async function withDeadline(ms: number, fn: (deadline: Promise<void>) => Promise<void>): Promise<void> {
+  let timer: NodeJS.Timeout | undefined;
+  const deadline = new Promise<void>((done) => (timer = setTimeout(done, ms)));
+  try {
+    await Promise.race([fn(deadline), deadline]);
+  } finally {
+    clearTimeout(timer);
+  }
+}

@@ -50,7 +50,10 @@ export class QmpSession implements QmpSessionInfo {
   #socketClosed = false;
   #running: Promise<void> | undefined;
   #ended = false;
-  readonly #closedPromise: Promise<void>;
+  /** Stopped for a server that is closing: no more commands, events still sent. */
+  #quiesced = false;
+  /** The socket is being ended: nothing more is written. */
+  #outputEnded = false;
 
   constructor(host: SessionHost, socket: Socket, id: number, peer: string) {
     this.#host = host;
@@ -59,7 +62,6 @@ export class QmpSession implements QmpSessionInfo {
     this.peer = peer;
     this.#stream = new JsonMessageStream(host.limits);
     this.#log = host.log.child({ session: id });
-    this.#closedPromise = new Promise((resolve) => socket.once('close', () => resolve()));
   }
 
   get negotiated(): boolean {
@@ -87,7 +89,8 @@ export class QmpSession implements QmpSessionInfo {
 
   /** Sends an event line if this session is negotiated; drops a client that reads nothing. */
   sendEvent(line: string): boolean {
-    if (!this.#negotiated || this.#socketClosed || this.#stopped) return false;
+    // A quiesced session takes no more commands but still gets events (a job cancelled on quit).
+    if (!this.#negotiated || this.#socketClosed || (this.#stopped && !this.#quiesced) || this.#outputEnded) return false;
     if (this.#socket.writableLength > this.#host.maxOutputBytes) {
       this.#log.warn({ bufferedBytes: this.#socket.writableLength }, 'qmp client does not read its output; disconnecting');
       this.#socket.destroy();
@@ -98,18 +101,35 @@ export class QmpSession implements QmpSessionInfo {
   }
 
   /**
-   * Ends the session: reads nothing more, drops queued requests, cancels the running command
-   * through its signal and waits for it, flushes what was written, closes the socket. Waits at
-   * most until `deadline` fires, then destroys the socket anyway.
+   * First half of ending the session: reads nothing more, drops queued requests, cancels the
+   * running command through its signal and resolves once it settled. Events still go out.
    */
-  async shutdown(reason: unknown, deadline: Promise<void>): Promise<void> {
+  quiesce(reason: unknown): Promise<void> {
     this.#stop();
+    this.#quiesced = true;
     this.#queue = [];
     this.#abort.abort(reason);
-    if (this.#running) await Promise.race([this.#running, deadline]);
+    return this.#running ?? Promise.resolve();
+  }
+
+  /**
+   * Second half: hands what was written to the kernel, then closes the socket. It does not wait
+   * for the client to hang up (QEMU exits right after its reply to quit), only for the output to
+   * leave, and at most until `deadline` fires (a client that reads nothing).
+   */
+  async close(deadline: Promise<void>): Promise<void> {
+    this.#outputEnded = true;
     if (!this.#socketClosed) {
+      // Input the client sent meanwhile is read and dropped: closing with unread input would
+      // reset the connection and could cost the client the replies it has not read yet.
+      this.#socket.resume();
+      const flushed = new Promise<void>((resolve) => {
+        if (this.#socket.writableFinished) resolve();
+        this.#socket.once('finish', resolve);
+        this.#socket.once('close', resolve);
+      });
       this.#socket.end();
-      await Promise.race([this.#closedPromise, deadline]);
+      await Promise.race([flushed, deadline]);
     }
     this.#socket.destroy();
   }
@@ -148,7 +168,7 @@ export class QmpSession implements QmpSessionInfo {
   }
 
   #write(line: string): void {
-    if (!this.#socketClosed) this.#socket.write(`${line}\r\n`);
+    if (!this.#socketClosed && !this.#outputEnded) this.#socket.write(`${line}\r\n`);
   }
 
   async #pump(): Promise<void> {

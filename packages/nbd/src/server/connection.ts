@@ -102,6 +102,8 @@ export interface ConnectionHost {
   readonly handshakeTimeoutMs: number;
   /** READ reply buffers, shared by the server's connections. */
   readonly buffers: BufferPool;
+  /** The connection no longer counts (client gone, requests finished); its socket may still be closing. */
+  released(conn: ServerConnection): void;
 }
 
 /** What the client chose: the export, reply style and metadata contexts. */
@@ -174,11 +176,15 @@ export class ServerConnection implements ExportClient {
       this.#stopping = true;
       if (ending === 'drop') this.socket.destroy();
       await this.#idle();
+      // The client is gone (DISC, EOF, error) and no request uses the node any more: it stops
+      // counting now, as in QEMU, so a safe block-export-del right after a DISC succeeds. Only
+      // the socket's goodbye is left, and that needs neither the export nor its node.
+      this.#binding?.exp.detach(this);
+      this.#host.released(this);
       await this.#close(ending);
       this.#reader.dispose();
       this.socket.off('drain', this.#notify);
       this.socket.off('close', this.#notify);
-      this.#binding?.exp.detach(this);
       this.#resolveClosed();
     }
   }
@@ -377,7 +383,9 @@ export class ServerConnection implements ExportClient {
   /** Runs one request and sends its reply. Never rejects. */
   async #handle(b: Binding, req: RequestHeader, payload: Buffer | undefined): Promise<void> {
     const fastZero = (req.flags & NBD_CMD_FLAG_FAST_ZERO) !== 0;
-    const refusal = checkRequest(req, { size: b.size, transmissionFlags: b.flags, structured: b.structured, contextCount: b.contexts.length });
+    const refusal =
+      checkRequest(req, { size: b.size, transmissionFlags: b.flags, structured: b.structured, contextCount: b.contexts.length }) ??
+      (req.type === NBD_CMD_WRITE || req.type === NBD_CMD_WRITE_ZEROES ? b.exp.dataWriteRefusal : null);
     if (refusal) {
       this.#replyError(b, req, refusal.error, refusal.message);
       return;

@@ -13,6 +13,8 @@ import {
   NBD_FLAG_SEND_FUA,
   NBD_FLAG_SEND_TRIM,
   NBD_FLAG_SEND_WRITE_ZEROES,
+  NBD_ENOTSUP,
+  NBD_EPERM,
 } from '../protocol/constants.js';
 import { exportContexts, type MetaContext } from './metadata.js';
 import { OverlapOrder } from '../overlap-order.js';
@@ -36,7 +38,8 @@ export interface NbdExportOptions {
   allocationDepth?: boolean;
   /**
    * A point-in-time (snapshot-access) view: advertised without READ_ONLY and with TRIM, so
-   * backup clients can say which clusters they have; the node refuses writes (EPERM).
+   * backup clients can say which clusters they have. WRITE and WRITE_ZEROES are refused: EPERM,
+   * or ENOTSUP when also `writable` (how QEMU 7.2's writable snapshot-access export answers).
    */
   fleecing?: boolean;
   /** Called once the export is gone: removed, every connection closed, every request finished. */
@@ -80,6 +83,8 @@ export class NbdExport {
   readonly bitmaps: readonly DirtyBitmap[];
   readonly allocationDepth: boolean;
   readonly contexts: readonly MetaContext[];
+  /** Why WRITE and WRITE_ZEROES are refused whatever their range (a fleecing view), or null. */
+  readonly dataWriteRefusal: { error: number; message: string } | null;
   readonly order = new OverlapOrder();
   readonly #clients = new Set<ExportClient>();
   readonly #onDeleted: ((info: NbdExportInfo) => void)[] = [];
@@ -97,9 +102,6 @@ export class NbdExport {
     }
     if (opts.description !== undefined && Buffer.byteLength(opts.description) > MAX_STRING_BYTES) {
       throw new ShearError('ERR_INVALID_ARGUMENT', `Cannot add NBD export "${name}": the description is over ${MAX_STRING_BYTES} bytes`);
-    }
-    if (opts.writable && opts.fleecing) {
-      throw new ShearError('ERR_INVALID_ARGUMENT', `Cannot add NBD export "${name}": a fleecing export is not writable (it only accepts TRIM)`);
     }
     if ((opts.writable || opts.fleecing) && (opts.edge.perm & PERM_WRITE) === 0) {
       throw new ShearError('ERR_INVALID_ARGUMENT', `Cannot add NBD export "${name}": a ${opts.fleecing ? 'fleecing' : 'writable'} export needs an edge with the write permission (for ${opts.fleecing ? 'TRIM' : 'writes'})`);
@@ -127,6 +129,14 @@ export class NbdExport {
     this.edge = opts.edge;
     this.writable = opts.writable;
     this.fleecing = opts.fleecing ?? false;
+    // Scripts written for QEMU add the view writable so that TRIM is allowed; QEMU's node then
+    // answers writes ENOTSUP, and a read-only export answers them EPERM. The view holds no data
+    // of its own either way: nothing reaches the node.
+    this.dataWriteRefusal = !this.fleecing
+      ? null
+      : this.writable
+        ? { error: NBD_ENOTSUP, message: 'Operation not supported: a snapshot-access view cannot be written (only TRIM)' }
+        : { error: NBD_EPERM, message: 'export is read-only: a snapshot-access view accepts only TRIM' };
     this.bitmaps = [...bitmaps];
     this.allocationDepth = opts.allocationDepth ?? false;
     this.contexts = exportContexts({ allocationDepth: this.allocationDepth, bitmaps: this.bitmaps });
@@ -182,7 +192,7 @@ export class NbdExport {
     this.#clients.add(client);
   }
 
-  /** @internal A connection is finished (closed, its requests done). */
+  /** @internal A connection is finished: its client left (DISC, EOF, error) and its requests are done. */
   detach(client: ExportClient): void {
     this.#clients.delete(client);
     this.#maybeGone();

@@ -42,6 +42,8 @@ export class NbdServer {
   /** Exports removed from the table but not gone yet. */
   readonly #leaving = new Set<NbdExport>();
   readonly #connections = new Set<ServerConnection>();
+  /** Connections that count against maxConnections: open, client not gone yet (QEMU's count). */
+  readonly #counted = new Set<ServerConnection>();
   #listener: Server | null = null;
   #address: NbdBoundAddress | null = null;
   #closing: Promise<void> | null = null;
@@ -198,7 +200,7 @@ export class NbdServer {
   }
 
   #accept(socket: Socket): void {
-    if (this.#closing || (this.maxConnections > 0 && this.#connections.size >= this.maxConnections)) {
+    if (this.#closing || (this.maxConnections > 0 && this.#counted.size >= this.maxConnections)) {
       socket.on('error', () => {});
       socket.destroy();
       return;
@@ -209,11 +211,16 @@ export class NbdServer {
         listExports: () => [...this.#exports.values()],
         handshakeTimeoutMs: this.handshakeTimeoutMs,
         buffers: this.#buffers,
+        released: (c) => this.#counted.delete(c),
       },
       socket,
     );
     this.#connections.add(conn);
-    void conn.run().finally(() => this.#connections.delete(conn));
+    this.#counted.add(conn);
+    void conn.run().finally(() => {
+      this.#connections.delete(conn);
+      this.#counted.delete(conn);
+    });
   }
 }
 
