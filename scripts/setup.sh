@@ -4,8 +4,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-apt_packages=(qemu-utils qemu-system-common qemu-block-extra libnbd-bin python3-libnbd nbdkit hyperfine socat stress-ng)
-tools=(qemu-img qemu-io qemu-storage-daemon qemu-nbd nbdinfo nbdcopy nbdkit hyperfine socat stress-ng)
+apt_packages=(qemu-utils qemu-system-common qemu-block-extra libnbd-bin python3-libnbd nbdkit hyperfine socat stress-ng time)
+tools=(qemu-img qemu-io qemu-storage-daemon qemu-nbd nbdinfo nbdcopy nbdkit hyperfine socat stress-ng /usr/bin/time)
 missing=0
 for t in "${tools[@]}"; do command -v "$t" >/dev/null 2>&1 || missing=1; done
 /usr/bin/python3 -c 'import nbd' 2>/dev/null || missing=1
