@@ -5,6 +5,10 @@ import { requireTools } from '@shear/testkit';
 import { startDaemon, type DaemonHandle } from '../lib/daemon.js';
 import { qemuImg, qemuImgCheck } from '../lib/images.js';
 
+// 16 crashes, each with three daemon starts: well under a minute on a quiet machine, but about
+// 300 s (tap's per-file default) when the suite runs beside CPU hogs. A hang guard, not a speed bound.
+t.setTimeout(15 * 60_000);
+
 // kill -9 of the daemon exactly while it stores persistent bitmaps: SHEAR_CRASH_AT (a test-only
 // hook, packages/base/src/crash-point.ts) kills it right after one write step of the store. After
 // a restart every bitmap must be consistent with exactly the bits it had, or inconsistent; never

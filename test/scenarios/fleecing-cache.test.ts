@@ -129,18 +129,23 @@ t.test('full cache with cbw-timeout: guest writes wait for the drain instead of 
   const ninth = write(247);
   t.match((await full).data, { node: 'cache', state: 'full', waiting: 1 }, 'the ninth write waits: the cache is full');
   await sample(247);
+  // Asked while the drain is still held, so the job is surely there whatever the machine's load.
+  const once = await shear(['jobs', '--qmp', `unix:${d.socket}`]);
+  t.match(once.stdout, /^drain {2}backup {2}paused {2}[\d.]+% .* cache cache \w+: RAM /m, 'shear jobs shows the job with its cache');
   await d.cmd('job-resume', { id: 'drain' });
   await ninth;
   for (let c = 246; c >= 192; c--) {
     await write(c);
     if (c % 16 === 0) await sample(c);
   }
-  const once = await shear(['jobs', '--qmp', `unix:${d.socket}`]);
-  t.match(once.stdout, /^drain {2}backup {2}running {2}[\d.]+% .* cache cache \w+: RAM /m, 'shear jobs shows the job with its cache');
   t.equal((await shear(['jobs', '--qmp', `unix:${d.socket}`, '--job', 'nope'])).code, 3, 'an unknown job is exit status 3');
   t.equal((await shear(['jobs'])).code, 2, 'no --qmp is a usage error');
   t.pass('all 64 guest writes succeeded although the cache holds only 8 chunks');
-  await d.cmd('block-job-set-speed', { device: 'drain', speed: 0 });
+  // Unlimited from here. On a loaded machine the 1 MiB/s drain may have finished while the guest
+  // wrote: then there is no job left to speed up, and its end event is already there.
+  await d.cmd('block-job-set-speed', { device: 'drain', speed: 0 }).catch((err: { desc?: string }) => {
+    if (!/not found/.test(err.desc ?? '')) throw err;
+  });
   const end = await jobEnd(d, 'drain');
   t.notOk(end.data?.['error'], 'the drain completed');
   const w = await watcher;

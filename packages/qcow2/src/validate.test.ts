@@ -2,8 +2,8 @@ import t from 'tap';
 import { copyFileSync, openSync, readSync, truncateSync, writeSync, closeSync } from 'node:fs';
 import { join } from 'node:path';
 import { requireTools } from '@shear/testkit';
-import { openTestImage } from './test-file-io.js';
-import { qemuCheck, qemuImg, qemuIo } from './test-qemu.js';
+import { openTestImage } from './test-file-io.fixture.js';
+import { qemuCheck, qemuImg, qemuIo } from './test-qemu.fixture.js';
 
 // Issue 14 item 6: a truncated or damaged image must be refused as corrupt (as qemu-img check
 // does), never read as zeroes. QEMU is the oracle: every image here is corrupt to both.
