@@ -64,6 +64,11 @@ export class Qcow2Metadata {
     return { rc: this.rc, alloc: this.alloc };
   }
 
+  /** The guest clusters [first, end) that bytes [offset, offset + bytes) touch (bytes > 0). */
+  clusterRange(offset: number, bytes: number): [first: number, end: number] {
+    return [Math.floor(offset / this.clusterBytes), Math.floor((offset + bytes - 1) / this.clusterBytes) + 1];
+  }
+
   l1Entry(l1i: number): { l2Offset: number; copied: boolean } {
     return decodeL1(this.#l1.getUint32(l1i * 8), this.#l1.getUint32(l1i * 8 + 4), this.clusterBytes);
   }
