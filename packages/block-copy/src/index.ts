@@ -7,9 +7,9 @@ export {
   DEFAULT_RETRY_BACKOFF_MS,
   DEFAULT_WORKER_CHUNK_BYTES,
   type BlockCopyOptions,
-  type CopyProgress,
-  type Lane,
 } from './block-copy.js';
+export type { CopyProgress } from './task-lifecycle.js';
+export type { Lane } from './task-queue.js';
 export { CopyWorkerPool, defaultWorkerCount, type CopyWorkerPoolOptions } from './pool.js';
 export { RateLimiter, RATE_SLICE_MS } from './rate-limit.js';
 export { executeRange, type CompressTarget, type CopyEndpoint, type ExecuteContext, type RangeOutcome } from './execute-range.js';
