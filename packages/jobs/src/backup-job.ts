@@ -1,9 +1,10 @@
 import { ShearError, inTransaction } from '@shear/base';
 import { PERM_ALL, PERM_CONSISTENT_READ, PERM_WRITE, type BlockGraph, type BlockNode, type ChildEdge } from '@shear/block';
 import type { CopyWorkerPool } from '@shear/block-copy';
-import { concludeBitmapSync, type BitmapSyncMode, type DirtyBitmap } from '@shear/dirty-bitmap';
+import type { BitmapSyncMode, DirtyBitmap } from '@shear/dirty-bitmap';
 import { CBW_INFO, CopyBeforeWrite, FleecingCache, SnapshotAccess, type OnCbwError } from '@shear/fleecing';
 import type { Job, JobDriver } from './job.js';
+import { planBackup, type BackupPlan } from './backup-plan.js';
 
 export type MirrorSyncMode = 'full' | 'top' | 'bitmap' | 'incremental' | 'none';
 export type BlockdevOnError = 'report' | 'ignore' | 'enospc' | 'stop' | 'auto';
@@ -42,12 +43,6 @@ export interface CopyRetry {
   bytes: number;
   attempt: number;
   error: ShearError;
-}
-
-/** What a format target offers for compressed writes (qcow2). */
-interface CompressingTarget {
-  clusterBytes: number;
-  writeDeflated(offset: number, packed: Uint8Array): Promise<void>;
 }
 
 /** Backoff between retries under on-*-error=ignore, so a dead disk does not spin the CPU. */
@@ -121,7 +116,7 @@ export class BackupJob implements JobDriver {
   readonly #cbw: CopyBeforeWrite;
   readonly #sync: Exclude<MirrorSyncMode, 'incremental'>;
   readonly #bitmap: DirtyBitmap | undefined;
-  readonly #bitmapMode: BitmapSyncMode | undefined;
+  readonly #plan: BackupPlan;
   readonly #onSourceError: BlockdevOnError;
   readonly #onTargetError: BlockdevOnError;
   #resumeWaiters: (() => void)[] = [];
@@ -138,7 +133,7 @@ export class BackupJob implements JobDriver {
     filter: BlockNode;
     sync: Exclude<MirrorSyncMode, 'incremental'>;
     bitmap: DirtyBitmap | undefined;
-    bitmapMode: BitmapSyncMode | undefined;
+    plan: BackupPlan;
     onSourceError: BlockdevOnError;
     onTargetError: BlockdevOnError;
   }) {
@@ -150,7 +145,7 @@ export class BackupJob implements JobDriver {
     this.#cbw = init.filter.driver as CopyBeforeWrite;
     this.#sync = init.sync;
     this.#bitmap = init.bitmap;
-    this.#bitmapMode = init.bitmapMode;
+    this.#plan = init.plan;
     this.#onSourceError = init.onSourceError;
     this.#onTargetError = init.onTargetError;
     this.device = init.source.name;
@@ -167,14 +162,22 @@ export class BackupJob implements JobDriver {
     if (p.source.length !== p.target.length) throw new ShearError('ERR_INVALID_ARGUMENT', 'Source and target image have different sizes');
     const bitmap = p.bitmap ? p.source.bitmaps.get(p.bitmap) : undefined;
     if (bitmap) bitmap.check({ busy: true, inconsistent: true });
-    const targetDriver = p.target.driver as Partial<CompressingTarget>;
-    const targetCluster = typeof targetDriver.clusterBytes === 'number' ? targetDriver.clusterBytes : 0;
-    const clusterBytes = Math.max(65536, targetCluster);
     const retries = p.retries ?? 0;
     if (!Number.isSafeInteger(retries) || retries < 0) throw new ShearError('ERR_INVALID_ARGUMENT', `Invalid parameter 'x-shear-retries': ${retries} is not an integer of at least 0`);
-    if (p.compress && typeof targetDriver.writeDeflated !== 'function') {
-      throw new ShearError('ERR_INVALID_ARGUMENT', `Cannot start backup: compression is not supported by target node "${p.target.name}" (it needs a qcow2 target)`);
-    }
+    const plan = planBackup({
+      source: p.source,
+      target: p.target,
+      sync,
+      bitmap,
+      bitmapMode,
+      compress: p.compress,
+      maxChunk: p.maxChunk,
+      maxTasks: p.maxWorkers,
+      speed: p.speed,
+      retries,
+      // What reached the target stays there: bitmap mode `always` may leave only the rest.
+      partialTargetKept: true,
+    });
     // Backing up a point-in-time view whose preserved data sits in a fleecing cache: copy the
     // cached clusters first, so the cache drains (with discard-source) before it can fill.
     const view = p.source.driver;
@@ -194,16 +197,7 @@ export class BackupJob implements JobDriver {
           ...(p.cbwTimeoutSec ? { cbwTimeoutSec: p.cbwTimeoutSec } : {}),
           ...(pool ? { pool } : {}),
           ...(p.emit ? { onEvent: (event: string, data: Record<string, unknown>) => p.emit!(event, { node: filter.name, ...data }) } : {}),
-          copy: {
-            clusterBytes,
-            ...(p.maxChunk ? { maxChunkBytes: Math.max(p.maxChunk, clusterBytes) } : {}),
-            ...(p.maxWorkers ? { maxTasks: p.maxWorkers } : {}),
-            speed: p.speed ?? 0,
-            retryAttempts: retries,
-            skipUnallocated: sync === 'top',
-            ...(prefer ? { prefer } : {}),
-            ...(p.compress ? { compress: { clusterBytes, windowBits: 12, writeDeflated: (o: number, d: Uint8Array) => targetDriver.writeDeflated!(o, d) } } : {}),
-          },
+          copy: { ...plan.copyOptions, ...(prefer ? { prefer } : {}) },
         }),
     });
     let release: (() => void) | undefined;
@@ -214,13 +208,7 @@ export class BackupJob implements JobDriver {
       release = await p.source.drain();
       inTransaction((tx) => {
         const cbw = filter.driver as CopyBeforeWrite;
-        if (bitmap) {
-          p.source.bitmaps.createSuccessor(bitmap);
-          tx.add({ abort: () => void p.source.bitmaps.reclaim(bitmap) });
-        }
-        if (sync === 'bitmap') cbw.copy.copyBitmap.merge(bitmap!.bits);
-        else cbw.copy.copyBitmap.set(0, Math.max(1, p.source.length));
-        tx.add({ abort: () => cbw.copy.copyBitmap.clear() });
+        tx.add({ abort: plan.takePointInTime(cbw.copy.copyBitmap) });
         graph.insertFilter(filter, p.source);
         // The job is a parent of the filter too, so the source stays protected even when no one
         // else uses it (QEMU's backup job holds its own parent on the filter likewise).
@@ -244,7 +232,7 @@ export class BackupJob implements JobDriver {
       filter,
       sync,
       bitmap,
-      bitmapMode,
+      plan,
       onSourceError: p.onSourceError ?? 'report',
       onTargetError: p.onTargetError ?? 'report',
     });
@@ -314,7 +302,7 @@ export class BackupJob implements JobDriver {
       signal.throwIfAborted();
       return;
     }
-    if (this.#sync === 'top') await this.#dropUnallocated(signal);
+    await this.#plan.leaveOutUnallocated(this.#cbw.copy.copyBitmap, signal);
     for (;;) {
       try {
         await this.#cbw.copy.run({ signal });
@@ -338,30 +326,6 @@ export class BackupJob implements JobDriver {
       }
     }
     await this.#target.flush();
-  }
-
-  /**
-   * sync=top copies only what the top layer holds: as QEMU does before copying, clusters the top
-   * layer leaves wholly unallocated leave the copy bitmap, so they count neither in the job's
-   * len nor (bitmap mode `always`, after a failure) in what is left to copy.
-   */
-  async #dropUnallocated(signal: AbortSignal): Promise<void> {
-    const copyBitmap = this.#cbw.copy.copyBitmap;
-    const cluster = this.#cbw.copy.clusterBytes;
-    const length = this.#source.length;
-    for (let at = 0; at < length; ) {
-      signal.throwIfAborted();
-      const extents = await this.#source.blockStatus(at, length - at);
-      if (extents.length === 0) break;
-      for (const e of extents) {
-        if (!e.allocated) {
-          const from = Math.ceil(e.offset / cluster) * cluster;
-          const to = e.offset + e.bytes >= length ? length : Math.floor((e.offset + e.bytes) / cluster) * cluster;
-          if (to > from) copyBitmap.reset(from, to - from);
-        }
-        at = Math.max(at, e.offset + e.bytes);
-      }
-    }
   }
 
   pause(): void {
@@ -408,7 +372,6 @@ export class BackupJob implements JobDriver {
   }
 
   #settleBitmap(outcome: 'success' | 'failure' | 'cancel'): void {
-    if (!this.#bitmap || !this.#bitmapMode) return;
-    concludeBitmapSync(this.#source.bitmaps, this.#bitmap, this.#bitmapMode, outcome, this.#cbw.copy.copyBitmap);
+    this.#plan.settle(outcome, this.#cbw.copy.copyBitmap);
   }
 }
