@@ -1,7 +1,7 @@
 import { ShearError, inTransaction } from '@shear/base';
 import { PERM_ALL, PERM_CONSISTENT_READ, PERM_WRITE, type BlockGraph, type BlockNode, type ChildEdge } from '@shear/block';
 import type { CopyWorkerPool } from '@shear/block-copy';
-import type { BitmapSyncMode, DirtyBitmap } from '@shear/dirty-bitmap';
+import type { BitmapSyncMode } from '@shear/dirty-bitmap';
 import { CBW_INFO, CopyBeforeWrite, FleecingCache, SnapshotAccess, type OnCbwError } from '@shear/fleecing';
 import type { Job, JobDriver } from './job.js';
 import { planBackup, type BackupPlan } from './backup-plan.js';
@@ -115,8 +115,8 @@ export class BackupJob implements JobDriver {
   readonly #filter: BlockNode;
   readonly #cbw: CopyBeforeWrite;
   readonly #sync: Exclude<MirrorSyncMode, 'incremental'>;
-  readonly #bitmap: DirtyBitmap | undefined;
   readonly #plan: BackupPlan;
+  readonly #undoPointInTime: () => void;
   readonly #onSourceError: BlockdevOnError;
   readonly #onTargetError: BlockdevOnError;
   #resumeWaiters: (() => void)[] = [];
@@ -132,8 +132,8 @@ export class BackupJob implements JobDriver {
     target: BlockNode;
     filter: BlockNode;
     sync: Exclude<MirrorSyncMode, 'incremental'>;
-    bitmap: DirtyBitmap | undefined;
     plan: BackupPlan;
+    undoPointInTime: () => void;
     onSourceError: BlockdevOnError;
     onTargetError: BlockdevOnError;
   }) {
@@ -144,8 +144,8 @@ export class BackupJob implements JobDriver {
     this.#filter = init.filter;
     this.#cbw = init.filter.driver as CopyBeforeWrite;
     this.#sync = init.sync;
-    this.#bitmap = init.bitmap;
     this.#plan = init.plan;
+    this.#undoPointInTime = init.undoPointInTime;
     this.#onSourceError = init.onSourceError;
     this.#onTargetError = init.onTargetError;
     this.device = init.source.name;
@@ -184,6 +184,7 @@ export class BackupJob implements JobDriver {
     const cache = view instanceof SnapshotAccess && view.filter.targetEdge.child.isOpen ? view.filter.targetEdge.child.driver : undefined;
     const prefer = cache instanceof FleecingCache ? () => cache.heldRanges() : undefined;
     let edge: ChildEdge | undefined;
+    let undoPointInTime: (() => void) | undefined;
     const filter = await graph.addNode({
       ...(p.filterNodeName !== undefined ? { name: p.filterNodeName } : {}),
       info: CBW_INFO,
@@ -208,7 +209,8 @@ export class BackupJob implements JobDriver {
       release = await p.source.drain();
       inTransaction((tx) => {
         const cbw = filter.driver as CopyBeforeWrite;
-        tx.add({ abort: plan.takePointInTime(cbw.copy.copyBitmap) });
+        undoPointInTime = plan.takePointInTime(cbw.copy.copyBitmap);
+        tx.add({ abort: undoPointInTime });
         graph.insertFilter(filter, p.source);
         // The job is a parent of the filter too, so the source stays protected even when no one
         // else uses it (QEMU's backup job holds its own parent on the filter likewise).
@@ -231,8 +233,8 @@ export class BackupJob implements JobDriver {
       target: p.target,
       filter,
       sync,
-      bitmap,
       plan,
+      undoPointInTime: undoPointInTime!,
       onSourceError: p.onSourceError ?? 'report',
       onTargetError: p.onTargetError ?? 'report',
     });
@@ -266,8 +268,7 @@ export class BackupJob implements JobDriver {
    * action): the bitmap gets its successor's bits back and the filter comes out.
    */
   async discardUnstarted(): Promise<void> {
-    if (this.#bitmap?.frozen) this.#source.bitmaps.reclaim(this.#bitmap);
-    this.#cbw.copy.copyBitmap.clear();
+    this.#undoPointInTime();
     await this.clean();
   }
 
