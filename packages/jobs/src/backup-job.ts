@@ -1,9 +1,10 @@
 import { ShearError, inTransaction } from '@shear/base';
 import { PERM_ALL, PERM_CONSISTENT_READ, PERM_WRITE, type BlockGraph, type BlockNode, type ChildEdge } from '@shear/block';
 import type { CopyWorkerPool } from '@shear/block-copy';
-import { concludeBitmapSync, type BitmapSyncMode, type DirtyBitmap } from '@shear/dirty-bitmap';
+import type { BitmapSyncMode } from '@shear/dirty-bitmap';
 import { CBW_INFO, CopyBeforeWrite, FleecingCache, SnapshotAccess, type OnCbwError } from '@shear/fleecing';
 import type { Job, JobDriver } from './job.js';
+import { planBackup, type BackupPlan } from './backup-plan.js';
 
 export type MirrorSyncMode = 'full' | 'top' | 'bitmap' | 'incremental' | 'none';
 export type BlockdevOnError = 'report' | 'ignore' | 'enospc' | 'stop' | 'auto';
@@ -42,12 +43,6 @@ export interface CopyRetry {
   bytes: number;
   attempt: number;
   error: ShearError;
-}
-
-/** What a format target offers for compressed writes (qcow2). */
-interface CompressingTarget {
-  clusterBytes: number;
-  writeDeflated(offset: number, packed: Uint8Array): Promise<void>;
 }
 
 /** Backoff between retries under on-*-error=ignore, so a dead disk does not spin the CPU. */
@@ -120,8 +115,8 @@ export class BackupJob implements JobDriver {
   readonly #filter: BlockNode;
   readonly #cbw: CopyBeforeWrite;
   readonly #sync: Exclude<MirrorSyncMode, 'incremental'>;
-  readonly #bitmap: DirtyBitmap | undefined;
-  readonly #bitmapMode: BitmapSyncMode | undefined;
+  readonly #plan: BackupPlan;
+  readonly #undoPointInTime: () => void;
   readonly #onSourceError: BlockdevOnError;
   readonly #onTargetError: BlockdevOnError;
   #resumeWaiters: (() => void)[] = [];
@@ -137,8 +132,8 @@ export class BackupJob implements JobDriver {
     target: BlockNode;
     filter: BlockNode;
     sync: Exclude<MirrorSyncMode, 'incremental'>;
-    bitmap: DirtyBitmap | undefined;
-    bitmapMode: BitmapSyncMode | undefined;
+    plan: BackupPlan;
+    undoPointInTime: () => void;
     onSourceError: BlockdevOnError;
     onTargetError: BlockdevOnError;
   }) {
@@ -149,8 +144,8 @@ export class BackupJob implements JobDriver {
     this.#filter = init.filter;
     this.#cbw = init.filter.driver as CopyBeforeWrite;
     this.#sync = init.sync;
-    this.#bitmap = init.bitmap;
-    this.#bitmapMode = init.bitmapMode;
+    this.#plan = init.plan;
+    this.#undoPointInTime = init.undoPointInTime;
     this.#onSourceError = init.onSourceError;
     this.#onTargetError = init.onTargetError;
     this.device = init.source.name;
@@ -167,20 +162,29 @@ export class BackupJob implements JobDriver {
     if (p.source.length !== p.target.length) throw new ShearError('ERR_INVALID_ARGUMENT', 'Source and target image have different sizes');
     const bitmap = p.bitmap ? p.source.bitmaps.get(p.bitmap) : undefined;
     if (bitmap) bitmap.check({ busy: true, inconsistent: true });
-    const targetDriver = p.target.driver as Partial<CompressingTarget>;
-    const targetCluster = typeof targetDriver.clusterBytes === 'number' ? targetDriver.clusterBytes : 0;
-    const clusterBytes = Math.max(65536, targetCluster);
     const retries = p.retries ?? 0;
     if (!Number.isSafeInteger(retries) || retries < 0) throw new ShearError('ERR_INVALID_ARGUMENT', `Invalid parameter 'x-shear-retries': ${retries} is not an integer of at least 0`);
-    if (p.compress && typeof targetDriver.writeDeflated !== 'function') {
-      throw new ShearError('ERR_INVALID_ARGUMENT', `Cannot start backup: compression is not supported by target node "${p.target.name}" (it needs a qcow2 target)`);
-    }
+    const plan = planBackup({
+      source: p.source,
+      target: p.target,
+      sync,
+      bitmap,
+      bitmapMode,
+      compress: p.compress,
+      maxChunk: p.maxChunk,
+      maxTasks: p.maxWorkers,
+      speed: p.speed,
+      retries,
+      // What reached the target stays there: bitmap mode `always` may leave only the rest.
+      partialTargetKept: true,
+    });
     // Backing up a point-in-time view whose preserved data sits in a fleecing cache: copy the
     // cached clusters first, so the cache drains (with discard-source) before it can fill.
     const view = p.source.driver;
     const cache = view instanceof SnapshotAccess && view.filter.targetEdge.child.isOpen ? view.filter.targetEdge.child.driver : undefined;
     const prefer = cache instanceof FleecingCache ? () => cache.heldRanges() : undefined;
     let edge: ChildEdge | undefined;
+    let undoPointInTime: (() => void) | undefined;
     const filter = await graph.addNode({
       ...(p.filterNodeName !== undefined ? { name: p.filterNodeName } : {}),
       info: CBW_INFO,
@@ -194,16 +198,7 @@ export class BackupJob implements JobDriver {
           ...(p.cbwTimeoutSec ? { cbwTimeoutSec: p.cbwTimeoutSec } : {}),
           ...(pool ? { pool } : {}),
           ...(p.emit ? { onEvent: (event: string, data: Record<string, unknown>) => p.emit!(event, { node: filter.name, ...data }) } : {}),
-          copy: {
-            clusterBytes,
-            ...(p.maxChunk ? { maxChunkBytes: Math.max(p.maxChunk, clusterBytes) } : {}),
-            ...(p.maxWorkers ? { maxTasks: p.maxWorkers } : {}),
-            speed: p.speed ?? 0,
-            retryAttempts: retries,
-            skipUnallocated: sync === 'top',
-            ...(prefer ? { prefer } : {}),
-            ...(p.compress ? { compress: { clusterBytes, windowBits: 12, writeDeflated: (o: number, d: Uint8Array) => targetDriver.writeDeflated!(o, d) } } : {}),
-          },
+          copy: { ...plan.copyOptions, ...(prefer ? { prefer } : {}) },
         }),
     });
     let release: (() => void) | undefined;
@@ -214,13 +209,8 @@ export class BackupJob implements JobDriver {
       release = await p.source.drain();
       inTransaction((tx) => {
         const cbw = filter.driver as CopyBeforeWrite;
-        if (bitmap) {
-          p.source.bitmaps.createSuccessor(bitmap);
-          tx.add({ abort: () => void p.source.bitmaps.reclaim(bitmap) });
-        }
-        if (sync === 'bitmap') cbw.copy.copyBitmap.merge(bitmap!.bits);
-        else cbw.copy.copyBitmap.set(0, Math.max(1, p.source.length));
-        tx.add({ abort: () => cbw.copy.copyBitmap.clear() });
+        undoPointInTime = plan.takePointInTime(cbw.copy.copyBitmap);
+        tx.add({ abort: undoPointInTime });
         graph.insertFilter(filter, p.source);
         // The job is a parent of the filter too, so the source stays protected even when no one
         // else uses it (QEMU's backup job holds its own parent on the filter likewise).
@@ -243,8 +233,8 @@ export class BackupJob implements JobDriver {
       target: p.target,
       filter,
       sync,
-      bitmap,
-      bitmapMode,
+      plan,
+      undoPointInTime: undoPointInTime!,
       onSourceError: p.onSourceError ?? 'report',
       onTargetError: p.onTargetError ?? 'report',
     });
@@ -278,8 +268,7 @@ export class BackupJob implements JobDriver {
    * action): the bitmap gets its successor's bits back and the filter comes out.
    */
   async discardUnstarted(): Promise<void> {
-    if (this.#bitmap?.frozen) this.#source.bitmaps.reclaim(this.#bitmap);
-    this.#cbw.copy.copyBitmap.clear();
+    this.#undoPointInTime();
     await this.clean();
   }
 
@@ -314,7 +303,7 @@ export class BackupJob implements JobDriver {
       signal.throwIfAborted();
       return;
     }
-    if (this.#sync === 'top') await this.#dropUnallocated(signal);
+    await this.#plan.leaveOutUnallocated(this.#cbw.copy.copyBitmap, signal);
     for (;;) {
       try {
         await this.#cbw.copy.run({ signal });
@@ -338,30 +327,6 @@ export class BackupJob implements JobDriver {
       }
     }
     await this.#target.flush();
-  }
-
-  /**
-   * sync=top copies only what the top layer holds: as QEMU does before copying, clusters the top
-   * layer leaves wholly unallocated leave the copy bitmap, so they count neither in the job's
-   * len nor (bitmap mode `always`, after a failure) in what is left to copy.
-   */
-  async #dropUnallocated(signal: AbortSignal): Promise<void> {
-    const copyBitmap = this.#cbw.copy.copyBitmap;
-    const cluster = this.#cbw.copy.clusterBytes;
-    const length = this.#source.length;
-    for (let at = 0; at < length; ) {
-      signal.throwIfAborted();
-      const extents = await this.#source.blockStatus(at, length - at);
-      if (extents.length === 0) break;
-      for (const e of extents) {
-        if (!e.allocated) {
-          const from = Math.ceil(e.offset / cluster) * cluster;
-          const to = e.offset + e.bytes >= length ? length : Math.floor((e.offset + e.bytes) / cluster) * cluster;
-          if (to > from) copyBitmap.reset(from, to - from);
-        }
-        at = Math.max(at, e.offset + e.bytes);
-      }
-    }
   }
 
   pause(): void {
@@ -408,7 +373,6 @@ export class BackupJob implements JobDriver {
   }
 
   #settleBitmap(outcome: 'success' | 'failure' | 'cancel'): void {
-    if (!this.#bitmap || !this.#bitmapMode) return;
-    concludeBitmapSync(this.#source.bitmaps, this.#bitmap, this.#bitmapMode, outcome, this.#cbw.copy.copyBitmap);
+    this.#plan.settle(outcome, this.#cbw.copy.copyBitmap);
   }
 }

@@ -6,9 +6,10 @@ import { performance } from 'node:perf_hooks';
 import { ShearError } from '@shear/base';
 import type { Logger } from '../logger.js';
 import { BlockGraph, PERM_ALL, PERM_CONSISTENT_READ, PERM_WRITE, PERM_WRITE_UNCHANGED, compareContent, type BlockNode } from '@shear/block';
-import { addBlockdev, createImage, type Qcow2Node } from '@shear/blockdev';
+import { addBlockdev, createImage } from '@shear/blockdev';
 import { BlockCopy, CopyWorkerPool, DEFAULT_MAX_CHUNK_BYTES, defaultWorkerCount } from '@shear/block-copy';
-import { concludeBitmapSync, parseBitmapSyncMode, type BitmapSyncMode, type DirtyBitmap } from '@shear/dirty-bitmap';
+import { parseBitmapSyncMode, type BitmapSyncMode, type DirtyBitmap } from '@shear/dirty-bitmap';
+import { planBackup, type BackupPlan } from '@shear/jobs';
 import { EXIT } from '../exit-codes.js';
 import { ProgressBar, formatBytes } from '../progress-bar.js';
 import { parseSize } from '../parse-size.js';
@@ -230,7 +231,7 @@ export async function runBackup(argv: string[], log: Logger, signal: AbortSignal
   let retries = 0;
   intr?.describe(() => (renamed ? `${args.target} is complete` : `nothing was written to ${args.target}`));
   const forgetPartial = intr?.onForcedExit(() => rmSync(partial, { force: true }));
-  let settleBitmap: (outcome: 'success' | 'failure' | 'cancel') => void = () => {};
+  let plan: BackupPlan | undefined;
   try {
     // An offline incremental updates the bitmap stored with the source (qcow2 extension or
     // sidecar), so the source opens read-write; the backup itself only reads it.
@@ -273,31 +274,36 @@ export async function runBackup(argv: string[], log: Logger, signal: AbortSignal
     // An offline backup: nobody may write the source while it is read.
     const srcEdge = graph.attachUser(user, src, PERM_CONSISTENT_READ, PERM_ALL & ~PERM_WRITE);
     const tgtEdge = graph.attachUser(user, tgt, PERM_WRITE | PERM_CONSISTENT_READ, PERM_CONSISTENT_READ | PERM_WRITE_UNCHANGED);
-    const targetCluster = args.targetFormat === 'qcow2' ? (tgt.driver as Qcow2Node).clusterBytes : 0;
-    const clusterBytes = Math.max(65536, targetCluster);
+    plan = planBackup({
+      source: src,
+      target: tgt,
+      sync: args.sync,
+      bitmap,
+      bitmapMode: bitmap ? args.bitmapMode : undefined,
+      compress: args.compress,
+      maxChunk: args.maxChunk,
+      singleTask: args.singleTask,
+      speed: args.speed,
+      retries: args.retries,
+      targetIsZero: true,
+      // A failed one-shot backup deletes its partial file, so nothing it copied is kept.
+      partialTargetKept: false,
+    });
+    const clusterBytes = plan.clusterBytes;
     pool = new CopyWorkerPool({ workers: args.workers });
     copy = new BlockCopy({
+      ...plan.copyOptions,
       source: { io: srcEdge, mapping: srcEdge.hostMapping() },
       target: { io: tgtEdge, mapping: tgtEdge.hostMapping() },
       length: src.length,
-      clusterBytes,
-      maxChunkBytes: Math.max(args.maxChunk, clusterBytes),
       pool,
-      singleTask: args.singleTask,
-      speed: args.speed,
-      skipUnallocated: args.sync === 'top',
-      targetIsZero: true,
-      retryAttempts: args.retries,
       ...(KILL_WORKERS ? { faultInjection: { tasks: Number(KILL_WORKERS[1]), killWorkerAfterBytes: Number(KILL_WORKERS[2]) } } : {}),
-      ...(args.compress ? { compress: { clusterBytes, windowBits: 12, writeDeflated: (o: number, d: Uint8Array) => (tgt.driver as Qcow2Node).writeDeflated(o, d) } } : {}),
     });
-    if (bitmap) {
-      // The point in time of an offline disk: freeze the bitmap, copy what it holds.
-      src.bitmaps.createSuccessor(bitmap);
-      copy.copyBitmap.merge(bitmap.bits);
-    } else {
-      copy.copyBitmap.set(0, Math.max(1, src.length));
-    }
+    // The point in time of an offline disk: the bitmap (if any) freezes, the copy takes what it
+    // holds; with sync=top, what the top layer does not allocate is left out (and reported as
+    // skipped, as a copy that skips it would).
+    plan.takePointInTime(copy.copyBitmap);
+    const leftOut = await plan.leaveOutUnallocated(copy.copyBitmap, signal);
     log.info({ evt: 'backup.start', node: src.name, bytes: src.length, workers: args.workers, clusterBytes, mapped: Boolean(srcEdge.hostMapping()?.mapRead && tgtEdge.hostMapping()?.mapWrite) }, 'backup started');
     copy.on('progress', (p) => progress.update(p.doneBytes, p.totalBytes, p.bytesPerSec));
     copy.on('retry', (r) => {
@@ -306,13 +312,6 @@ export async function runBackup(argv: string[], log: Logger, signal: AbortSignal
     });
     const running = copy;
     if (pauseRequested('copy')) running.once('progress', () => void pausePoint('copy', signal, () => running.pause()).catch(() => {}));
-    settleBitmap = (outcome) => {
-      if (!bitmap?.frozen) return;
-      // A failed one-shot backup leaves no target (the partial file is deleted), so nothing it
-      // copied is kept anywhere: under every mode the bitmap keeps all its bits then.
-      const mode = outcome === 'success' ? args.bitmapMode : args.bitmapMode === 'always' ? 'on-success' : args.bitmapMode;
-      concludeBitmapSync(src.bitmaps, bitmap, mode, outcome, running.copyBitmap);
-    };
     await copy.run({ signal });
     const p = copy.progress;
     progress.update(p.doneBytes, p.totalBytes, p.bytesPerSec, true);
@@ -339,7 +338,7 @@ export async function runBackup(argv: string[], log: Logger, signal: AbortSignal
     await rename(partial, args.target);
     renamed = true;
     await syncFile(path.dirname(args.target));
-    settleBitmap('success');
+    plan.settle('success', copy.copyBitmap);
     await closeAll(graph);
     const seconds = (performance.now() - t0) / 1000;
     const summary: BackupSummary = {
@@ -348,7 +347,7 @@ export async function runBackup(argv: string[], log: Logger, signal: AbortSignal
       sync: args.sync,
       bytes: length,
       copiedBytes: p.copiedBytes,
-      skippedBytes: p.skippedBytes,
+      skippedBytes: p.skippedBytes + leftOut,
       seconds: Number(seconds.toFixed(3)),
       mibPerSec: Number((length / 2 ** 20 / seconds).toFixed(1)),
       workers: args.workers,
@@ -366,7 +365,7 @@ export async function runBackup(argv: string[], log: Logger, signal: AbortSignal
     return EXIT.OK;
   } catch (err) {
     // A failed or cancelled incremental keeps every bit it was to copy.
-    settleBitmap(signal.aborted ? 'cancel' : 'failure');
+    if (copy) plan?.settle(signal.aborted ? 'cancel' : 'failure', copy.copyBitmap);
     throw explainFailure(err, { source: args.source, target: args.target, written: copy?.progress.copiedBytes ?? 0, needs: await dataBytes(args.source, srcStat.size), free: targetFree });
   } finally {
     forgetPartial?.();
