@@ -32,6 +32,20 @@ const MAX_OPTION_BYTES = 1024 * 1024;
 /** The daemon's handshake deadline (DEFAULT_HANDSHAKE_TIMEOUT_MS). */
 const HANDSHAKE_LIMIT_MS = 10_000;
 const MAX_STRING = 4096;
+
+/**
+ * An export or meta-context request (`good`: name length, name, then a count and its items)
+ * broken by `shape`: 6 truncated, 7 with bytes appended, 8 a wrong name length, otherwise a
+ * wrong item count (written by `badCount`). Draws from `r` in the same order for both options.
+ */
+function malformed(r: Prng, good: Buffer, shape: number, nameLength: number, badCount: (b: Buffer) => void): Buffer {
+  if (shape === 6) return good.subarray(0, r.int(good.length));
+  if (shape === 7) return Buffer.concat([good, r.bytes(r.range(1, 9))]);
+  const b = Buffer.from(good);
+  if (shape === 8) b.writeUInt32BE(r.chance(0.5) ? 0xffffffff : nameLength + r.range(1, 40), 0);
+  else badCount(b);
+  return b;
+}
 const NAMES = Object.values(EXPORTS).map((e) => e.name as string);
 
 /** What the spec lets the server answer to one option. */
@@ -141,16 +155,7 @@ class StepGen {
         expect = { kind: 'reply', ok: o.known !== undefined || o.maybe === true, errors: o.errors, bind: option === OPT_GO ? (o.known ?? (o.maybe ? '' : undefined)) : undefined };
       } else {
         // Malformed: the lengths inside disagree with the option's length.
-        const good = exportRequest(name, infos);
-        if (shape === 6) payload = good.subarray(0, r.int(good.length));
-        else if (shape === 7) payload = Buffer.concat([good, r.bytes(r.range(1, 9))]);
-        else if (shape === 8) {
-          payload = Buffer.from(good);
-          payload.writeUInt32BE(r.chance(0.5) ? 0xffffffff : name.length + r.range(1, 40), 0);
-        } else {
-          payload = Buffer.from(good);
-          payload.writeUInt16BE((infos.length + r.range(1, 5)) & 0xffff, 4 + name.length);
-        }
+        payload = malformed(r, exportRequest(name, infos), shape, name.length, (b) => b.writeUInt16BE((infos.length + r.range(1, 5)) & 0xffff, 4 + name.length));
         // A longer name length can, rarely, still frame a valid request for another name.
         expect = { kind: 'reply', ok: false, errors: shape === 8 ? [ERR_INVALID, ERR_UNKNOWN] : [ERR_INVALID] };
       }
@@ -169,15 +174,7 @@ class StepGen {
         else if (o.known === undefined) expect = { kind: 'reply', ok: o.maybe === true, errors: badQuery ? [...o.errors, ERR_INVALID, ERR_TOO_BIG] : o.errors };
         else expect = { kind: 'reply', ok: true, errors: badQuery ? [ERR_INVALID, ERR_TOO_BIG] : [] };
       } else {
-        if (shape === 6) payload = good.subarray(0, r.int(good.length));
-        else if (shape === 7) payload = Buffer.concat([good, r.bytes(r.range(1, 9))]);
-        else if (shape === 8) {
-          payload = Buffer.from(good);
-          payload.writeUInt32BE(r.chance(0.5) ? 0xffffffff : name.length + r.range(1, 40), 0);
-        } else {
-          payload = Buffer.from(good);
-          payload.writeUInt32BE(queries.length + r.range(1, 1000), 4 + name.length);
-        }
+        payload = malformed(r, good, shape, name.length, (b) => b.writeUInt32BE(queries.length + r.range(1, 1000), 4 + name.length));
         expect = { kind: 'reply', ok: false, errors: shape === 8 ? [ERR_INVALID, ERR_UNKNOWN] : [ERR_INVALID] };
       }
     } else if (p < 76) {

@@ -8,7 +8,7 @@ export {
   DEFAULT_WORKER_CHUNK_BYTES,
   type BlockCopyOptions,
 } from './block-copy.js';
-export type { CopyProgress } from './task-lifecycle.js';
+export type { CopyProgress, CopyRetry } from './task-lifecycle.js';
 export type { Lane } from './task-queue.js';
 export { CopyWorkerPool, defaultWorkerCount, type CopyWorkerPoolOptions } from './pool.js';
 export { RateLimiter, RATE_SLICE_MS } from './rate-limit.js';

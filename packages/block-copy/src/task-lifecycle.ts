@@ -6,6 +6,15 @@ import { executeParts, executeRange, type CompressTarget, type CopyEndpoint, typ
 import type { CopyWorkerPool } from './pool.js';
 import { taskBytes, type Task, type TaskQueue } from './task-queue.js';
 
+/** A range copied again after an I/O error: the payload of BlockCopy's 'retry' event. */
+export interface CopyRetry {
+  offset: number;
+  bytes: number;
+  /** 1 for the first retry. */
+  attempt: number;
+  error: ShearError;
+}
+
 /** Copy-before-write copies up to this size run on the coordinator, not on a worker. */
 const INLINE_CBW_MAX_BYTES = 256 * 1024;
 
@@ -184,7 +193,8 @@ export class TaskLifecycle {
       if (retry && doneEnd < t.offset + t.bytes) {
         t.attempts++;
         q.retarget(t, doneEnd, t.lane === 'cbw' ? 'cbw' : 'retry', performance.now() + this.#o.retryBackoffMs * 2 ** (t.attempts - 1));
-        this.#events.emit('retry', { offset: t.offset, bytes: t.bytes, attempt: t.attempts, error: outcome.error });
+        const retried: CopyRetry = { offset: t.offset, bytes: t.bytes, attempt: t.attempts, error: outcome.error };
+        this.#events.emit('retry', retried);
         q.enqueue(t);
         this.#host.pump();
         return;

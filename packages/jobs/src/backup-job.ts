@@ -1,6 +1,6 @@
 import { ShearError, inTransaction } from '@shear/base';
 import { PERM_ALL, PERM_CONSISTENT_READ, PERM_WRITE, type BlockGraph, type BlockNode, type ChildEdge } from '@shear/block';
-import type { CopyWorkerPool } from '@shear/block-copy';
+import type { CopyRetry, CopyWorkerPool } from '@shear/block-copy';
 import type { BitmapSyncMode } from '@shear/dirty-bitmap';
 import { CBW_INFO, CopyBeforeWrite, FleecingCache, SnapshotAccess, type OnCbwError } from '@shear/fleecing';
 import type { Job, JobDriver } from './job.js';
@@ -37,13 +37,6 @@ export interface BackupParams {
   emit?: (event: string, data: Record<string, unknown>) => void;
 }
 
-/** One retried copy error (block-copy's 'retry' event). */
-export interface CopyRetry {
-  offset: number;
-  bytes: number;
-  attempt: number;
-  error: ShearError;
-}
 
 /** Backoff between retries under on-*-error=ignore, so a dead disk does not spin the CPU. */
 const IGNORE_RETRY_DELAY_MS = 100;

@@ -1,4 +1,4 @@
-import { ShearError } from '@shear/base';
+import { ShearError, alignDown, alignUp } from '@shear/base';
 import type { BlockNode } from '@shear/block';
 import type { BlockCopy, BlockCopyOptions } from '@shear/block-copy';
 import { concludeBitmapSync, type BitmapSyncMode, type DirtyBitmap, type JobOutcome } from '@shear/dirty-bitmap';
@@ -154,8 +154,8 @@ export function planBackup(p: BackupPlanParams): BackupPlan {
         for (const e of extents) {
           if (!e.allocated) {
             // Only whole clusters: a cluster the top layer partly allocates is copied whole.
-            const from = Math.ceil(e.offset / cluster) * cluster;
-            const to = e.offset + e.bytes >= length ? length : Math.floor((e.offset + e.bytes) / cluster) * cluster;
+            const from = alignUp(e.offset, cluster);
+            const to = e.offset + e.bytes >= length ? length : alignDown(e.offset + e.bytes, cluster);
             if (to > from) {
               left += to - from;
               copyBitmap.reset(from, to - from);
