@@ -59,6 +59,32 @@ for (const sig of ['SIGINT', 'SIGTERM'] as const) {
   });
 }
 
+t.test('a signal whose unwinding stalls still ends the command within the limit, leaving nothing', async (t) => {
+  // Workers and nodes that take longer to close than the unwind limit (a busy machine, a wedged
+  // disk): the forced exit must still delete the partial file. SHEAR_STALL_UNWIND holds the
+  // unwinding after the workers and nodes are closed, before the partial file is removed.
+  const dir = t.testdir();
+  const src = path.join(dir, 'disk.raw');
+  makeRawImage(src, 8 * MiB, 5);
+  const dst = path.join(dir, 'out.raw');
+  const r = await shear(['backup', '--source', src, '--target', dst, '--max-chunk', '64k', '--workers', '2'], {
+    env: { SHEAR_PAUSE_AT: 'copy', SHEAR_STALL_UNWIND: '1' },
+    onSpawn: (kill, stderr) => {
+      const poll = setInterval(() => {
+        if (stderr().includes('shear: paused at copy\n')) {
+          clearInterval(poll);
+          kill('SIGINT');
+        }
+      }, 10);
+    },
+  });
+  t.match(r.stderr, /shear: unwinding stalled\n/, 'the unwinding was held');
+  t.equal(r.code, 130, `exit status (${r.stderr})`);
+  t.match(r.stderr, new RegExp(`shear: interrupted; nothing was written to ${dst.replace(/[.*+?^${}()|[\]\\]/g, '\\$&')}\n`), 'one line');
+  t.notOk(existsSync(dst), 'no target');
+  t.same(leftovers(dir, ['disk.raw']), [], 'no partial file');
+});
+
 t.test('without SHEAR_PAUSE_AT the same backup runs straight through', async (t) => {
   const dir = t.testdir();
   const src = path.join(dir, 'disk.raw');

@@ -114,3 +114,19 @@ export async function pausePoint(phase: string, signal: AbortSignal, onPause?: (
 export function pauseRequested(phase: string): boolean {
   return PAUSE_AT === phase;
 }
+
+const STALL_UNWIND = process.env['SHEAR_STALL_UNWIND'] === '1';
+
+/**
+ * TEST-ONLY HOOK. With SHEAR_STALL_UNWIND=1, a command unwinding after a signal stops here for
+ * good, as behind a wedged disk or worker, so the forced exit (UNWIND_MS later) and its
+ * synchronous cleanups are what end the process: tests check those leave nothing behind. Unset
+ * (production), it returns at once.
+ */
+export async function stallUnwind(signal: AbortSignal): Promise<void> {
+  if (!STALL_UNWIND || !signal.aborted) return;
+  process.stderr.write('shear: unwinding stalled\n');
+  // Signal handlers alone do not keep Node's event loop alive; the forced exit ends it.
+  setInterval(() => {}, 2 ** 30);
+  await new Promise<never>(() => {});
+}

@@ -13,7 +13,7 @@ import { planBackup, type BackupPlan } from '@shear/jobs';
 import { EXIT } from '../exit-codes.js';
 import { ProgressBar, formatBytes } from '../progress-bar.js';
 import { parseSize } from '../parse-size.js';
-import { pausePoint, pauseRequested, type Interruption } from '../interrupt.js';
+import { pausePoint, pauseRequested, stallUnwind, type Interruption } from '../interrupt.js';
 import { explainFailure, freeBytes, summaryLine } from './backup-report.js';
 
 export const BACKUP_USAGE = `usage: shear backup --source PATH --target PATH [options]
@@ -368,11 +368,14 @@ export async function runBackup(argv: string[], log: Logger, signal: AbortSignal
     if (copy) plan?.settle(signal.aborted ? 'cancel' : 'failure', copy.copyBitmap);
     throw explainFailure(err, { source: args.source, target: args.target, written: copy?.progress.copiedBytes ?? 0, needs: await dataBytes(args.source, srcStat.size), free: targetFree });
   } finally {
-    forgetPartial?.();
     progress.finish();
     await pool?.destroy();
     await closeAll(graph).catch(() => {});
+    await stallUnwind(signal);
     if (!renamed) await rm(partial, { force: true });
+    // Only now: stopping the workers and closing the nodes can outlast the unwind limit on a
+    // busy machine, and a forced exit meanwhile must still delete the partial file.
+    forgetPartial?.();
   }
 }
 
