@@ -371,7 +371,7 @@ export async function runBackup(argv: string[], log: Logger, signal: AbortSignal
     progress.finish();
     await pool?.destroy();
     await closeAll(graph).catch(() => {});
-    await stallUnwind(signal);
+    await stallUnwind(signal, intr);
     if (!renamed) await rm(partial, { force: true });
     // Only now: stopping the workers and closing the nodes can outlast the unwind limit on a
     // busy machine, and a forced exit meanwhile must still delete the partial file.
