@@ -3,7 +3,7 @@ import { existsSync, mkdtempSync, rmSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { QmpClient, type QmpEvent } from '@shear/qmp';
-import { SHEAR_BIN } from './cli.js';
+import { SHEAR_BIN, childEnv } from './cli.js';
 
 export interface DaemonHandle {
   proc: ChildProcess;
@@ -56,7 +56,7 @@ export async function startDaemon(_dir: string, extraArgs: string[] = [], opts: 
   // UNIX socket paths are limited to about 107 bytes: test directories are too deep for them.
   const sockDir = mkdtempSync(path.join(os.tmpdir(), 'shear-qmp-'));
   const socket = path.join(sockDir, `${opts.name ?? 'qmp'}.sock`);
-  const proc = spawn(process.execPath, [SHEAR_BIN, 'daemon', '--qmp', `unix:${socket}`, '--log-level', process.env['SHEAR_TEST_LOG'] ?? 'warn', ...extraArgs], { stdio: ['ignore', 'ignore', 'pipe'], env: { ...process.env, ...opts.env } });
+  const proc = spawn(process.execPath, [SHEAR_BIN, 'daemon', '--qmp', `unix:${socket}`, '--log-level', process.env['SHEAR_TEST_LOG'] ?? 'warn', ...extraArgs], { stdio: ['ignore', 'ignore', 'pipe'], env: childEnv(opts.env) });
   let stderr = '';
   proc.stderr!.on('data', (d) => {
     stderr += d;

@@ -34,7 +34,7 @@ import { fileURLToPath } from 'node:url';
 import { promisify } from 'node:util';
 import { QmpClient, QmpCommandError, type QmpEvent } from '@shear/qmp';
 import { requireTools } from '@shear/testkit';
-import { SHEAR_BIN } from '../lib/cli.js';
+import { SHEAR_BIN, childEnv } from '../lib/cli.js';
 import { matches, outputMatches, readSessions, type Expected, type Session } from './session.js';
 
 const run = promisify(execFile);
@@ -74,7 +74,7 @@ function describe(e: Expected): string {
 
 async function runSession(t: Test, session: Session): Promise<void> {
   const dir = mkdtempSync(path.join(os.tmpdir(), 'shear-readme-'));
-  const env = { ...process.env, PATH: `${path.join(ROOT, 'node_modules', '.bin')}:${process.env['PATH']}` };
+  const env = { ...childEnv(), PATH: `${path.join(ROOT, 'node_modules', '.bin')}:${process.env['PATH']}` };
   let daemon: Daemon | undefined;
   let client: QmpClient | undefined;
   const events: QmpEvent[] = [];
