@@ -18,7 +18,8 @@ options:
                     exit status 0 if it completed, 1 if it failed or was cancelled
   --job ID          the job to show or watch (default: all; --watch needs it when
                     several jobs run)
-  --interval MS     refresh interval for --watch (default 500)`;
+  --interval MS     refresh interval for --watch (default 500)
+  --log-level LEVEL pino log level on stderr for the command's own records (default: warn)`;
 
 /** query-jobs as Shear answers it: QEMU's JobInfo plus `x-shear-cache`. */
 export type JobRow = JobInfo & { 'x-shear-cache'?: CacheRow };
