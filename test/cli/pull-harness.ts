@@ -43,7 +43,7 @@ h.flush(); h.shutdown()
 }
 
 /** nbdkit serving `file` on a unix socket (foreground, killed by stop()). */
-export async function startNbdkit(sock: string, args: string[]): Promise<{ proc: ChildProcess; stop: () => Promise<void> }> {
+export async function startNbdkit(sock: string, args: string[]): Promise<{ proc: ChildProcess; status: () => string; stop: () => Promise<void> }> {
   const proc = spawn('nbdkit', ['-f', '-U', sock, ...args], { stdio: ['ignore', 'ignore', 'pipe'] });
   let stderr = '';
   proc.stderr!.on('data', (d) => (stderr += d));
@@ -52,6 +52,7 @@ export async function startNbdkit(sock: string, args: string[]): Promise<{ proc:
   if (!existsSync(sock)) throw new Error(`nbdkit did not start: ${stderr}`);
   return {
     proc,
+    status: () => (proc.exitCode === null && proc.signalCode === null ? 'running' : `exited (${proc.exitCode ?? proc.signalCode}): ${stderr}`),
     async stop() {
       if (proc.exitCode === null && proc.signalCode === null) proc.kill('SIGTERM');
       await exited;

@@ -44,8 +44,11 @@ export interface PullSummary {
   target: string;
   kind: 'full' | 'incremental';
   bytes: number;
+  /** Data bytes written to the target, over all runs of a resumed pull. */
   copiedBytes: number;
   skippedBytes: number;
+  /** Bytes read from the export by this run (a resumed run reads only what was missing). */
+  pulledBytes: number;
   trimmedBytes: number;
   seconds: number;
   mibPerSec: number;
@@ -332,7 +335,11 @@ export async function runPull(argv: string[], log: Logger, signal: AbortSignal, 
         completed.push({ i, written });
         sinceCheckpoint += CHUNK_BYTES;
         progress.update(handled, totalBytes, handled / Math.max(0.001, (performance.now() - t0) / 1000));
-        if (handled > 0 && pauseRequested('copy') && !paused) paused = pausePoint('copy', signal);
+        if (handled > 0 && pauseRequested('copy') && !paused) {
+          paused = pausePoint('copy', signal);
+          // Lanes await it; the rejection on a signal is theirs to see, not an unhandled one.
+          paused.catch(() => {});
+        }
         if (sinceCheckpoint >= CHECKPOINT_BYTES) {
           sinceCheckpoint = 0;
           checkpointing = checkpointing.then(checkpoint);
@@ -399,6 +406,7 @@ export async function runPull(argv: string[], log: Logger, signal: AbortSignal, 
       bytes: size,
       copiedBytes: state.copiedBytes,
       skippedBytes: size - state.copiedBytes,
+      pulledBytes: copied,
       trimmedBytes: state.trimmedBytes,
       seconds: Number(seconds.toFixed(3)),
       mibPerSec: Number((copied / 2 ** 20 / seconds).toFixed(1)),
