@@ -48,8 +48,9 @@ export async function startNbdkit(sock: string, args: string[]): Promise<{ proc:
   let stderr = '';
   proc.stderr!.on('data', (d) => (stderr += d));
   const exited = new Promise<void>((resolve) => proc.once('exit', () => resolve()));
-  while (!existsSync(sock) && proc.exitCode === null) await new Promise((r) => setTimeout(r, 20));
-  if (!existsSync(sock)) throw new Error(`nbdkit did not start: ${stderr}`);
+  // The socket file appears at bind(), before listen(): wait until a connection is accepted.
+  while ((!existsSync(sock) || !(await accepts(sock))) && proc.exitCode === null) await new Promise((r) => setTimeout(r, 20));
+  if (proc.exitCode !== null) throw new Error(`nbdkit did not start: ${stderr}`);
   return {
     proc,
     status: () => (proc.exitCode === null && proc.signalCode === null ? 'running' : `exited (${proc.exitCode ?? proc.signalCode}): ${stderr}`),
@@ -97,4 +98,18 @@ export async function startCuttingProxy(listen: string, upstream: string, cutAft
         server.close(() => resolve());
       }),
   };
+}
+
+function accepts(sock: string): Promise<boolean> {
+  return new Promise((resolve) => {
+    const s = connect(sock);
+    s.once('connect', () => {
+      s.destroy();
+      resolve(true);
+    });
+    s.once('error', () => {
+      s.destroy();
+      resolve(false);
+    });
+  });
 }

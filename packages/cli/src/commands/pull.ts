@@ -295,12 +295,15 @@ export async function runPull(argv: string[], log: Logger, signal: AbortSignal, 
       state.copiedBytes += batch.reduce((s, c) => s + c.written, 0);
       await writePullState(target, state);
       if (args.trim) {
-        for (const { i } of batch) {
-          for (const p of byChunk.get(i)!) {
-            await conns[i % conns.length]!.discard(p.offset, p.bytes);
-            state.trimmedBytes += p.bytes;
-          }
-        }
+        // Only now, with the copies flushed: the export may drop its preserved data.
+        await Promise.all(
+          batch.flatMap(({ i }) =>
+            byChunk.get(i)!.map(async (p) => {
+              await conns[i % conns.length]!.discard(p.offset, p.bytes);
+              state.trimmedBytes += p.bytes;
+            }),
+          ),
+        );
       }
     };
 
