@@ -30,13 +30,14 @@ export async function startQsd(sockDir: string): Promise<{ cmd: (name: string, a
   };
 }
 
-/** Writes `clusters` (64 KiB each) of byte `fill` through an NBD URI, as a guest would. */
-export async function guestWrite(uri: string, clusters: number[], fill: number): Promise<void> {
+/** Writes `clusters` (64 KiB each) of byte `fill` through an NBD URI, as a guest would; fill 'zero' sends WRITE_ZEROES. */
+export async function guestWrite(uri: string, clusters: number[], fill: number | 'zero'): Promise<void> {
   const script = `
 import nbd, sys, json
 h = nbd.NBD(); h.connect_uri(sys.argv[1])
 for c in json.loads(sys.argv[2]):
-    h.pwrite(bytes([int(sys.argv[3])]) * 65536, c * 65536)
+    if sys.argv[3] == 'zero': h.zero(65536, c * 65536)
+    else: h.pwrite(bytes([int(sys.argv[3])]) * 65536, c * 65536)
 h.flush(); h.shutdown()
 `;
   await run(PYTHON, ['-c', script, uri, JSON.stringify(clusters), String(fill)]);
