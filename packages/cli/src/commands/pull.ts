@@ -12,7 +12,7 @@ import { ProgressBar, formatBytes } from '../progress-bar.js';
 import { parseSize } from '../parse-size.js';
 import { pausePoint, pauseRequested, type Interruption } from '../interrupt.js';
 import { CHUNK_BYTES, buildManifest, computeChunkDigests, finaliseBackup, manifestPathFor, readManifest, type BackupManifest } from '../backup-manifest.js';
-import { PullSource, parsePullUrl, type PlannedExtent, type PullUrl } from './pull-source.js';
+import { PullSource, parsePullUrl, piecesByChunk, type PullUrl } from './pull-source.js';
 import { checkResumable, chunksOf, partialPathFor, readPullState, removePullState, runsOf, statePathFor, writePullState, type PullState } from './pull-state.js';
 
 export const PULL_USAGE = `usage: shear pull --source URL --target PATH [options]
@@ -140,22 +140,6 @@ export function parsePullArgs(argv: string[]): PullArgs {
     resume: values.resume ?? false,
     json: values.json ?? false,
   };
-}
-
-/** Splits planned extents at chunk boundaries: the pieces of each chunk that has work. */
-function piecesByChunk(plan: PlannedExtent[]): Map<number, PlannedExtent[]> {
-  const m = new Map<number, PlannedExtent[]>();
-  for (const e of plan) {
-    for (let at = e.offset; at < e.offset + e.bytes; ) {
-      const i = Math.floor(at / CHUNK_BYTES);
-      const to = Math.min(e.offset + e.bytes, (i + 1) * CHUNK_BYTES);
-      let list = m.get(i);
-      if (!list) m.set(i, (list = []));
-      list.push({ offset: at, bytes: to - at, action: e.action });
-      at = to;
-    }
-  }
-  return m;
 }
 
 const ZERO_BLOCK = 64 * 1024;
