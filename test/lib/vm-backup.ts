@@ -32,6 +32,7 @@ export interface BackupStep {
   backing: string | undefined;
   /** Extra copier arguments (e.g. --trim). */
   trim?: boolean;
+  diskId?: string;
 }
 
 export interface BackupResult {
@@ -59,7 +60,7 @@ export async function checkedBackup(s: BackupStep): Promise<BackupResult> {
   let outcome: PullOutcome;
   try {
     await s.afterResume();
-    outcome = await s.copier.pull({ url: exp.url, target, bitmap: exp.bitmap, backing: s.backing, trim: s.trim });
+    outcome = await s.copier.pull({ url: exp.url, target, bitmap: exp.bitmap, backing: s.backing, trim: s.trim, diskId: s.diskId });
   } finally {
     await exp.end();
   }

@@ -14,6 +14,7 @@ export const shearPullCopier: Copier = {
     const args = ['pull', '--source', req.url, '--target', req.target, '--target-format', 'qcow2', '--json'];
     if (req.bitmap) args.push('--bitmap', req.bitmap, '--backing', req.backing ?? '');
     if (req.trim) args.push('--trim');
+    if (req.diskId) args.push('--disk-id', req.diskId);
     const r = await shear(args);
     if (r.code !== 0) throw new Error(`shear ${args.join(' ')} exited ${r.code ?? r.signal}: ${r.stderr.trim()}`);
     const summary = JSON.parse(r.stdout) as { copiedBytes: number; trimmedBytes: number };

@@ -20,6 +20,8 @@ export interface PullRequest {
   backing?: string | undefined;
   /** TRIM what was copied on the export (shear pull --trim; the stand-in does not trim). */
   trim?: boolean | undefined;
+  /** The disk's identity across the chain (shear pull --disk-id). */
+  diskId?: string | undefined;
 }
 
 export interface PullOutcome {

@@ -43,7 +43,7 @@ t.test('a running VM backed up through its own fleecing export: full + three inc
     let bitmapBytes = 0;
     let genAtPull = 0;
     const r = await checkedBackup({
-      dir, tag: String(k), disk, copier, backing: prev?.target, trim: scheme === 'snapshot-access',
+      dir, tag: String(k), disk, copier, backing: prev?.target, diskId: 'test-vm/disk0', trim: scheme === 'snapshot-access',
       pause: () => vm.cmd('stop'),
       resume: () => vm.cmd('cont'),
       startExport: async () => {
@@ -71,6 +71,9 @@ t.test('a running VM backed up through its own fleecing export: full + three inc
       t.equal(r.outcome.copiedBytes, bitmapBytes, `${kind}: the copier copied exactly the dirty clusters`);
       t.ok(r.outcome.copiedBytes < SIZE, `${kind}: an incremental, not a full copy`);
       t.ok((await allocatedInTop(r.target)) <= bitmapBytes, `${kind}: the overlay holds no more than the dirty clusters`);
+      if (scheme === 'snapshot-access' && r.outcome.trimmedBytes !== undefined) {
+        t.equal(r.outcome.trimmedBytes, r.outcome.copiedBytes, `${kind}: everything copied was trimmed on the export (--trim)`);
+      }
     }
     prev = r;
   }
