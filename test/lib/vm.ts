@@ -67,7 +67,7 @@ export class TestVm {
   readonly #proc: ChildProcess;
   readonly #exited: Promise<void>;
   readonly #dir: string;
-  readonly #consoleFile: string;
+  readonly #console: GuestConsole;
   readonly #stderr: () => string;
   #closed = false;
 
@@ -80,7 +80,7 @@ export class TestVm {
     this.#proc = init.proc;
     this.#exited = init.exited;
     this.#dir = init.dir;
-    this.#consoleFile = init.consoleFile;
+    this.#console = new GuestConsole(init.consoleFile);
     this.#stderr = init.stderr;
   }
 
@@ -134,7 +134,7 @@ export class TestVm {
         await sleep(50);
       }
       qmp = await QmpClient.connect(qmpSock, { timeoutMs: Math.max(1000, deadline - Date.now()) });
-      await waitConsoleLine(consoleFile, new RegExp(`${MARK} ready blocks=(\\d+)`), deadline, () => (failed() ? `qemu exited: ${stderr.trim()}` : undefined));
+      await new GuestConsole(consoleFile).waitReady(deadline, () => (failed() ? `qemu exited: ${stderr.trim()}` : undefined));
       return new TestVm({ accel, bootMs: Date.now() - started, qmp, nodeName, disk: opts.disk, proc, exited, dir, consoleFile, stderr: () => stderr });
     } catch (err) {
       await qmp?.close();
@@ -146,29 +146,19 @@ export class TestVm {
     }
   }
 
-  console(): string {
-    return existsSync(this.#consoleFile) ? readFileSync(this.#consoleFile, 'latin1') : '';
+  /** The guest's serial console. */
+  get console(): GuestConsole {
+    return this.#console;
   }
 
   /** The last generation the guest reported as written (0 before the first). */
   generation(): number {
-    const all = [...this.console().matchAll(new RegExp(`${MARK} gen (\\d+) `, 'g'))];
-    return all.length ? Number(all.at(-1)![1]) : 0;
+    return this.#console.generation();
   }
 
   /** Waits until the guest has written generation `g`; throws on a guest error or QEMU's exit. */
-  async waitGeneration(g: number, timeoutMs = 120_000): Promise<number> {
-    const deadline = Date.now() + timeoutMs;
-    for (;;) {
-      const text = this.console();
-      const bad = new RegExp(`${MARK} (write failed|insmod|no /dev/vda)[^\\n]*`).exec(text);
-      if (bad) throw new Error(`the guest reported: ${bad[0]}`);
-      const now = this.generation();
-      if (now >= g) return now;
-      if (this.#proc.exitCode !== null || this.#proc.signalCode !== null) throw new Error(`qemu exited: ${this.#stderr()}`);
-      if (Date.now() > deadline) throw new Error(`the guest reached generation ${now}, not ${g}, in ${timeoutMs} ms`);
-      await sleep(100);
-    }
+  waitGeneration(g: number, timeoutMs = 120_000): Promise<number> {
+    return this.#console.waitGeneration(g, timeoutMs, () => (this.#proc.exitCode !== null || this.#proc.signalCode !== null ? `qemu exited: ${this.#stderr()}` : undefined));
   }
 
   /** Runs a QMP command on the VM. */
@@ -194,16 +184,53 @@ function sleep(ms: number): Promise<void> {
   return new Promise((r) => setTimeout(r, ms));
 }
 
-/** Polls a console file until a line matches; `failure` names a reason to stop early. */
-export async function waitConsoleLine(file: string, re: RegExp, deadline: number, failure: () => string | undefined): Promise<RegExpExecArray> {
-  for (;;) {
-    const text = existsSync(file) ? readFileSync(file, 'latin1') : '';
-    const m = re.exec(text);
-    if (m) return m;
-    const why = failure();
-    if (why) throw new Error(why);
-    if (Date.now() > deadline) throw new Error(`no console line matching ${re} in time`);
-    await sleep(100);
+/**
+ * The guest's serial console, written to a file by QEMU: the guest reports "ready", then each
+ * generation it has written, and any failure, as lines starting with MARK.
+ */
+export class GuestConsole {
+  constructor(readonly file: string) {}
+
+  text(): string {
+    return existsSync(this.file) ? readFileSync(this.file, 'latin1') : '';
+  }
+
+  /** The last generation the guest reported as written (0 before the first). */
+  generation(): number {
+    const all = [...this.text().matchAll(new RegExp(`${MARK} gen (\\d+) `, 'g'))];
+    return all.length ? Number(all.at(-1)![1]) : 0;
+  }
+
+  /** Waits for the guest's "ready"; `failure` names a reason to stop early (the VM is gone). */
+  async waitReady(deadline: number, failure: () => string | undefined): Promise<void> {
+    const re = new RegExp(`${MARK} ready blocks=(\\d+)`);
+    for (;;) {
+      if (re.test(this.text())) return;
+      this.#guestFailure();
+      const why = failure();
+      if (why) throw new Error(why);
+      if (Date.now() > deadline) throw new Error('the guest did not report ready in time');
+      await sleep(100);
+    }
+  }
+
+  /** Waits until the guest has written generation `g`; throws on a guest error or `failure`. */
+  async waitGeneration(g: number, timeoutMs: number, failure: () => string | undefined): Promise<number> {
+    const deadline = Date.now() + timeoutMs;
+    for (;;) {
+      this.#guestFailure();
+      const now = this.generation();
+      if (now >= g) return now;
+      const why = failure();
+      if (why) throw new Error(why);
+      if (Date.now() > deadline) throw new Error(`the guest reached generation ${now}, not ${g}, in ${timeoutMs} ms`);
+      await sleep(100);
+    }
+  }
+
+  #guestFailure(): void {
+    const bad = new RegExp(`${MARK} (write failed|insmod|no /dev/vda)[^\\n]*`).exec(this.text());
+    if (bad) throw new Error(`the guest reported: ${bad[0]}`);
   }
 }
 
