@@ -5,7 +5,7 @@ import { BLOCK, LINE_BYTES, blockGeneration, checkPointInTime, scanPattern } fro
 
 function block(index: number, gen: number): Buffer {
   const line = Buffer.from(`SHEARVM b=${String(index).padStart(10, '0')} g=${String(gen).padStart(8, '0')}\n`, 'latin1');
-  t.equal(line.length, LINE_BYTES);
+  if (line.length !== LINE_BYTES) throw new Error(`a pattern line is ${line.length} bytes, not ${LINE_BYTES}`);
   return Buffer.concat(Array.from({ length: BLOCK / LINE_BYTES }, () => line));
 }
 

@@ -66,6 +66,31 @@ t.test('a running VM backed up through its own fleecing export: full + three inc
     }
     prev = r;
   }
+
+  // The control: the same steps with the live disk exported instead of a point-in-time view.
+  // The guest writes between the copy and the pull, so the checks must find blocks of another time.
+  await vm.waitGeneration(vm.generation() + 3);
+  let genAtPull = 0;
+  const live = await checkedBackup({
+    dir, tag: 'live', disk, copier, backing: undefined, diskId: 'test-vm/disk0-live',
+    pause: () => vm.cmd('stop'),
+    resume: () => vm.cmd('cont'),
+    startExport: async () => {
+      await vm.cmd('block-export-add', { type: 'nbd', id: 'live', 'node-name': vm.nodeName, name: 'live', writable: false });
+      return {
+        url: nbdUnixUrl('live', nbdSock),
+        bitmap: undefined,
+        end: async () => {
+          const deleted = vm.qmp.waitEvent('BLOCK_EXPORT_DELETED', (e) => e['id'] === 'live', { timeoutMs: 30_000 });
+          await vm.cmd('block-export-del', { id: 'live' });
+          await deleted;
+        },
+      };
+    },
+    afterResume: async () => void (genAtPull = await vm.waitGeneration(vm.generation() + 3)),
+  });
+  t.ok(live.check.mixed.length > 0, `control: a pull of the live disk is caught holding ${live.check.mixed.length} blocks written after the point in time (up to generation ${genAtPull})`);
+  t.notOk(live.restored.equals(live.copy), 'control: and it differs from the paused copy');
 });
 
 /** Dirty bytes of a bitmap on the VM's disk, from query-named-block-nodes. */
