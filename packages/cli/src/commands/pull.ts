@@ -12,7 +12,7 @@ import { ProgressBar, formatBytes } from '../progress-bar.js';
 import { parseSize } from '../parse-size.js';
 import { pausePoint, pauseRequested, type Interruption } from '../interrupt.js';
 import { CHUNK_BYTES, buildManifest, computeChunkDigests, finaliseBackup, manifestPathFor, readManifest, type BackupManifest } from '../backup-manifest.js';
-import { PullSource, parsePullUrl, type PlannedExtent, type PullUrl } from './pull-source.js';
+import { PullSource, parsePullUrl, piecesByChunk, type PullUrl } from './pull-source.js';
 import { checkResumable, chunksOf, partialPathFor, readPullState, removePullState, runsOf, statePathFor, writePullState, type PullState } from './pull-state.js';
 
 export const PULL_USAGE = `usage: shear pull --source URL --target PATH [options]
@@ -44,8 +44,11 @@ export interface PullSummary {
   target: string;
   kind: 'full' | 'incremental';
   bytes: number;
+  /** Data bytes written to the target, over all runs of a resumed pull. */
   copiedBytes: number;
   skippedBytes: number;
+  /** Bytes read from the export by this run (a resumed run reads only what was missing). */
+  pulledBytes: number;
   trimmedBytes: number;
   seconds: number;
   mibPerSec: number;
@@ -137,22 +140,6 @@ export function parsePullArgs(argv: string[]): PullArgs {
     resume: values.resume ?? false,
     json: values.json ?? false,
   };
-}
-
-/** Splits planned extents at chunk boundaries: the pieces of each chunk that has work. */
-function piecesByChunk(plan: PlannedExtent[]): Map<number, PlannedExtent[]> {
-  const m = new Map<number, PlannedExtent[]>();
-  for (const e of plan) {
-    for (let at = e.offset; at < e.offset + e.bytes; ) {
-      const i = Math.floor(at / CHUNK_BYTES);
-      const to = Math.min(e.offset + e.bytes, (i + 1) * CHUNK_BYTES);
-      let list = m.get(i);
-      if (!list) m.set(i, (list = []));
-      list.push({ offset: at, bytes: to - at, action: e.action });
-      at = to;
-    }
-  }
-  return m;
 }
 
 const ZERO_BLOCK = 64 * 1024;
@@ -292,12 +279,15 @@ export async function runPull(argv: string[], log: Logger, signal: AbortSignal, 
       state.copiedBytes += batch.reduce((s, c) => s + c.written, 0);
       await writePullState(target, state);
       if (args.trim) {
-        for (const { i } of batch) {
-          for (const p of byChunk.get(i)!) {
-            await conns[i % conns.length]!.discard(p.offset, p.bytes);
-            state.trimmedBytes += p.bytes;
-          }
-        }
+        // Only now, with the copies flushed: the export may drop its preserved data.
+        await Promise.all(
+          batch.flatMap(({ i }) =>
+            byChunk.get(i)!.map(async (p) => {
+              await conns[i % conns.length]!.discard(p.offset, p.bytes);
+              state.trimmedBytes += p.bytes;
+            }),
+          ),
+        );
       }
     };
 
@@ -332,7 +322,11 @@ export async function runPull(argv: string[], log: Logger, signal: AbortSignal, 
         completed.push({ i, written });
         sinceCheckpoint += CHUNK_BYTES;
         progress.update(handled, totalBytes, handled / Math.max(0.001, (performance.now() - t0) / 1000));
-        if (handled > 0 && pauseRequested('copy') && !paused) paused = pausePoint('copy', signal);
+        if (handled > 0 && pauseRequested('copy') && !paused) {
+          paused = pausePoint('copy', signal);
+          // Lanes await it; the rejection on a signal is theirs to see, not an unhandled one.
+          paused.catch(() => {});
+        }
         if (sinceCheckpoint >= CHECKPOINT_BYTES) {
           sinceCheckpoint = 0;
           checkpointing = checkpointing.then(checkpoint);
@@ -399,6 +393,7 @@ export async function runPull(argv: string[], log: Logger, signal: AbortSignal, 
       bytes: size,
       copiedBytes: state.copiedBytes,
       skippedBytes: size - state.copiedBytes,
+      pulledBytes: copied,
       trimmedBytes: state.trimmedBytes,
       seconds: Number(seconds.toFixed(3)),
       mibPerSec: Number((copied / 2 ** 20 / seconds).toFixed(1)),
