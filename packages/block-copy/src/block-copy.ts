@@ -40,6 +40,11 @@ export interface BlockCopyOptions {
   targetIsZero?: boolean;
   /** Keep written data out of the page cache (sync_file_range + fadvise per piece). Default true. */
   dropCache?: boolean;
+  /**
+   * Let workers copy file-to-file data in the kernel (copy_file_range) when nothing transforms
+   * it (not compressed). Default true; false forces pread/pwrite (for comparison).
+   */
+  inKernelCopy?: boolean;
   retryAttempts?: number;
   retryBackoffMs?: number;
   /** Write deflated clusters through this (a qcow2 target); the cluster size must equal clusterBytes. */
@@ -146,6 +151,7 @@ export class BlockCopy extends EventEmitter {
         clusterBytes: this.clusterBytes,
         chunkBytes: Math.min(DEFAULT_WORKER_CHUNK_BYTES, this.maxChunkBytes),
         dropCache: opts.dropCache ?? true,
+        inKernelCopy: (opts.inKernelCopy ?? true) && !compress,
         skipUnallocated: opts.skipUnallocated ?? false,
         targetIsZero: opts.targetIsZero ?? false,
         retryAttempts: opts.retryAttempts ?? DEFAULT_RETRY_ATTEMPTS,

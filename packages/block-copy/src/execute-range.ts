@@ -18,6 +18,8 @@ export interface ExecuteContext {
   pool?: CopyWorkerPool | undefined;
   chunkBytes: number;
   dropCache: boolean;
+  /** Workers may copy file-to-file pieces with copy_file_range (see CopyTaskMessage). */
+  inKernelCopy: boolean;
   /** sync=top: ranges the source does not allocate itself are left out. */
   skipUnallocated: boolean;
   /** The target already reads as zeroes (freshly created): zero ranges need no write at all. */
@@ -164,6 +166,7 @@ async function copyThroughWorker(ctx: ExecuteContext, pool: CopyWorkerPool, offs
     dst: dst.extents,
     chunkBytes: ctx.chunkBytes,
     dropCache: ctx.dropCache,
+    inKernelCopy: ctx.inKernelCopy,
     cancel: ctx.cancel.buffer as SharedArrayBuffer,
     cancelIndex: ctx.cancelIndex,
     ...(ctx.faultExitAfterBytes !== undefined ? { faultExitAfterBytes: ctx.faultExitAfterBytes } : {}),
@@ -335,6 +338,7 @@ export async function executeParts(ctx: ExecuteContext, parts: [number, number][
     dst,
     chunkBytes: ctx.chunkBytes,
     dropCache: ctx.dropCache,
+    inKernelCopy: ctx.inKernelCopy,
     cancel: ctx.cancel.buffer as SharedArrayBuffer,
     cancelIndex: ctx.cancelIndex,
     ...(ctx.faultExitAfterBytes !== undefined ? { faultExitAfterBytes: ctx.faultExitAfterBytes } : {}),

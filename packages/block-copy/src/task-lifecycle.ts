@@ -39,6 +39,7 @@ export interface TaskLifecycleOptions {
   /** Pieces a worker moves between two looks at its cancel word. */
   chunkBytes: number;
   dropCache: boolean;
+  inKernelCopy: boolean;
   skipUnallocated: boolean;
   targetIsZero: boolean;
   retryAttempts: number;
@@ -146,6 +147,7 @@ export class TaskLifecycle {
       // what they preserve is often read back soon, by a pull), so only background copies
       // pace the page cache.
       dropCache: o.dropCache && t.lane !== 'cbw',
+      inKernelCopy: o.inKernelCopy,
       skipUnallocated: o.skipUnallocated,
       targetIsZero: o.targetIsZero,
       cancel: this.#queue.cancelWords,

@@ -5,11 +5,18 @@ import { ShearError, fromWire, toWire, type ErrorCode } from '@shear/base';
 import type { HostExtent } from '@shear/block';
 import { SYNC_FILE_RANGE, errnoName, getNative, type NativeIO } from '@shear/native';
 import type { CompressedCluster, CopyTaskMessage, CopyTaskResult } from '../protocol.js';
+import { copyInKernel } from './kernel-copy.js';
+import { allFileExtents, forEachPiece } from './pieces.js';
 
 /**
- * The worker side of block-copy: synchronous pread/pwrite on the fds the coordinator mapped.
+ * The worker side of block-copy: synchronous system calls on the fds the coordinator mapped.
  * A worker thread runs one task at a time, so blocking calls cost nothing but this thread,
  * and one buffer per thread bounds memory whatever the disk size.
+ *
+ * A piece whose source and target are both file extents, in a task that does not transform the
+ * data, is copied in the kernel (copy_file_range: no copy through user memory, one call per
+ * piece instead of a read and a write); anything else, and the rest of a piece where the kernel
+ * copy stopped, goes through pread/pwrite and this thread's buffer.
  *
  * Runs in worker threads and, for tests, in-process; owns nothing but its buffer.
  */
@@ -32,18 +39,34 @@ export function runCopyTask(task: CopyTaskMessage, native: NativeIO = getNative(
   let done = 0;
   let zeroBytes = 0;
   const compressed: CompressedCluster[] = [];
+  let inKernelBytes = 0;
+  let kernel = task.inKernelCopy === true && native.supports.copyFileRange;
   try {
     while (done < task.bytes) {
       if (Atomics.load(cancel, task.cancelIndex) !== 0) {
         return { ok: false, error: toWire(new ShearError('ERR_ABORTED', 'Cannot finish copy task: it was cancelled', { offset: task.offset + done })), doneBytes: done };
       }
       const n = Math.min(task.chunkBytes, task.bytes - done);
-      const buf = bufferOf(n).subarray(0, n);
-      zeroBytes += readPiece(task, done, buf);
       if (task.compressClusterBytes) {
+        const buf = bufferOf(n).subarray(0, n);
+        zeroBytes += readPiece(task, done, buf);
         compressPiece(task, done, buf, compressed);
       } else {
-        writePiece(task, done, buf, native);
+        let inKernel = 0;
+        if (kernel && allFileExtents(task.src, done, n) && allFileExtents(task.dst, done, n)) {
+          const r = copyInKernel(task, done, n, native);
+          inKernel = r.done;
+          inKernelBytes += r.done;
+          // EXDEV, EINVAL, ENOSYS, EOPNOTSUPP or a real I/O error: the rest of the task goes
+          // through pread/pwrite, which reports a real error as a read or a write failure.
+          if (r.error !== undefined) kernel = false;
+        }
+        if (inKernel < n) {
+          const buf = bufferOf(n - inKernel).subarray(0, n - inKernel);
+          zeroBytes += readPiece(task, done + inKernel, buf);
+          writePiece(task, done + inKernel, buf);
+        }
+        paceTarget(task, done, n, native);
       }
       done += n;
       if (task.faultExitAfterBytes !== undefined && done >= task.faultExitAfterBytes) process.exit(70);
@@ -51,24 +74,9 @@ export function runCopyTask(task: CopyTaskMessage, native: NativeIO = getNative(
   } catch (err) {
     return { ok: false, error: toWire(err), doneBytes: done };
   }
-  const result: CopyTaskResult = { ok: true, bytes: task.bytes, zeroBytes, ms: performance.now() - t0 };
+  const result: CopyTaskResult = { ok: true, bytes: task.bytes, zeroBytes, ms: performance.now() - t0, inKernelBytes };
   if (task.compressClusterBytes) result.compressed = compressed;
   return result;
-}
-
-/** Calls `fn` for each part of `extents` inside [at, at + bytes), with the position in that window. */
-function forEachPiece(extents: HostExtent[], at: number, bytes: number, fn: (e: HostExtent, within: number, pos: number, n: number) => void): void {
-  let base = 0;
-  for (const e of extents) {
-    const end = base + e.bytes;
-    if (end > at && base < at + bytes) {
-      const from = Math.max(at, base);
-      const to = Math.min(at + bytes, end);
-      fn(e, from - base, from - at, to - from);
-    }
-    base = end;
-    if (base >= at + bytes) break;
-  }
 }
 
 function ioFailure(code: ErrorCode, task: CopyTaskMessage, pos: number, bytes: number, op: string, err: unknown): ShearError {
@@ -113,7 +121,7 @@ function readPiece(task: CopyTaskMessage, at: number, buf: Buffer): number {
   return zero;
 }
 
-function writePiece(task: CopyTaskMessage, at: number, buf: Buffer, native: NativeIO): void {
+function writePiece(task: CopyTaskMessage, at: number, buf: Buffer): void {
   forEachPiece(task.dst, at, buf.length, (e, within, pos, n) => {
     if (e.kind === 'error') throw fromWire(e.error);
     if (e.kind !== 'fd') throw new ShearError('ERR_INTERNAL', 'Cannot write a copy task: target extent is not a file extent');
@@ -126,9 +134,16 @@ function writePiece(task: CopyTaskMessage, at: number, buf: Buffer, native: Nati
         throw ioFailure('ERR_COPY_WRITE_FAILED', task, at + pos + put, n - put, 'write', err);
       }
     }
+  });
+}
+
+/** Paces writeback of the target pieces of [at, at + bytes), however they were written. */
+function paceTarget(task: CopyTaskMessage, at: number, bytes: number, native: NativeIO): void {
+  if (!task.dropCache) return;
+  forEachPiece(task.dst, at, bytes, (e, within, _pos, n) => {
     // Streaming writes are paced; small scattered ones (incrementals) are left to the kernel and
     // the final flush, where waiting for each piece's writeback would only add latency.
-    if (task.dropCache && n >= PACE_MIN_BYTES) paceWriteback(e.fd, hostOffset, n, native);
+    if (e.kind === 'fd' && n >= PACE_MIN_BYTES) paceWriteback(e.fd, e.hostOffset + within, n, native);
   });
 }
 
