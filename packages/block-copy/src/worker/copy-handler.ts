@@ -3,10 +3,11 @@ import { performance } from 'node:perf_hooks';
 import { deflateRawSync } from 'node:zlib';
 import { ShearError, fromWire, toWire, type ErrorCode } from '@shear/base';
 import type { HostExtent } from '@shear/block';
-import { SYNC_FILE_RANGE, errnoName, getNative, type NativeIO } from '@shear/native';
+import { errnoName, getNative, type NativeIO } from '@shear/native';
 import type { CompressedCluster, CopyTaskMessage, CopyTaskResult } from '../protocol.js';
 import { copyInKernel } from './kernel-copy.js';
 import { allFileExtents, forEachPiece } from './pieces.js';
+import { paceWriteback } from './writeback.js';
 
 /**
  * The worker side of block-copy: synchronous system calls on the fds the coordinator mapped.
@@ -29,9 +30,6 @@ function bufferOf(bytes: number): Buffer {
 
 /** Pieces smaller than this are not paced (see writePiece). */
 const PACE_MIN_BYTES = 256 * 1024;
-
-/** The last piece this thread wrote per fd, flushed and dropped when the next one is written. */
-const lastWritten = new Map<number, { offset: number; bytes: number }>();
 
 export function runCopyTask(task: CopyTaskMessage, native: NativeIO = getNative()): CopyTaskResult {
   const t0 = performance.now();
@@ -145,26 +143,6 @@ function paceTarget(task: CopyTaskMessage, at: number, bytes: number, native: Na
     // the final flush, where waiting for each piece's writeback would only add latency.
     if (e.kind === 'fd' && n >= PACE_MIN_BYTES) paceWriteback(e.fd, e.hostOffset + within, n, native);
   });
-}
-
-/**
- * Starts writeback of the piece just written, waits for the previous piece of the same fd and
- * drops it from the page cache: written data never piles up as dirty pages, so the final
- * fsync has little left to do (the trick nbdcopy uses). Best effort: errors here are ignored,
- * the final flush reports real write errors.
- */
-function paceWriteback(fd: number, offset: number, bytes: number, native: NativeIO): void {
-  try {
-    native.syncFileRange(fd, offset, bytes, SYNC_FILE_RANGE.WRITE);
-    const prev = lastWritten.get(fd);
-    if (prev) {
-      native.syncFileRange(fd, prev.offset, prev.bytes, SYNC_FILE_RANGE.WAIT_BEFORE | SYNC_FILE_RANGE.WRITE | SYNC_FILE_RANGE.WAIT_AFTER);
-      native.fadvise(fd, prev.offset, prev.bytes, 'dontneed');
-    }
-  } catch {
-    // Pacing is an optimisation; correctness comes from the flush at the end.
-  }
-  lastWritten.set(fd, { offset, bytes });
 }
 
 /** Deflates each whole cluster of the piece (raw deflate, as qcow2 stores compressed clusters). */
