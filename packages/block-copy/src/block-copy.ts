@@ -5,6 +5,7 @@ import type { CompressTarget, CopyEndpoint, RangeOutcome } from './execute-range
 import { LaneScheduler } from './lane-scheduler.js';
 import type { CopyWorkerPool } from './pool.js';
 import { RateLimiter } from './rate-limit.js';
+import { StatusWindow } from './status-window.js';
 import { TaskLifecycle, type CopyProgress } from './task-lifecycle.js';
 import { TaskQueue, type Task } from './task-queue.js';
 
@@ -79,6 +80,7 @@ export class BlockCopy extends EventEmitter {
   readonly maxChunkBytes: number;
   readonly length: number;
   readonly #target: CopyEndpoint;
+  readonly #statusWindow: StatusWindow;
   readonly #queue: TaskQueue;
   readonly #scheduler: LaneScheduler;
   readonly #lifecycle: TaskLifecycle;
@@ -104,6 +106,7 @@ export class BlockCopy extends EventEmitter {
     this.copyBitmap = SharedBitmap.create(Math.max(1, opts.length), this.clusterBytes);
     const { source, target, pool, compress } = opts;
     this.#target = target;
+    this.#statusWindow = new StatusWindow(source.io, this.length);
     if (compress && compress.clusterBytes !== this.clusterBytes) {
       throw new ShearError('ERR_INVALID_ARGUMENT', `Cannot copy compressed: the copy cluster size ${this.clusterBytes} must equal the target's cluster size ${compress.clusterBytes}`);
     }
@@ -152,6 +155,7 @@ export class BlockCopy extends EventEmitter {
         chunkBytes: Math.min(DEFAULT_WORKER_CHUNK_BYTES, this.maxChunkBytes),
         dropCache: opts.dropCache ?? true,
         inKernelCopy: (opts.inKernelCopy ?? true) && !compress,
+        statusWindow: this.#statusWindow,
         skipUnallocated: opts.skipUnallocated ?? false,
         targetIsZero: opts.targetIsZero ?? false,
         retryAttempts: opts.retryAttempts ?? DEFAULT_RETRY_ATTEMPTS,
@@ -209,6 +213,7 @@ export class BlockCopy extends EventEmitter {
     if (this.#background) throw new ShearError('ERR_INVALID_ARGUMENT', 'Cannot run block-copy: it is already running');
     this.#background = true;
     this.#lifecycle.clearFailure();
+    this.#statusWindow.reset();
     this.#scheduler.restartScan();
     const onAbort = () => {
       this.#lifecycle.stop(new ShearError('ERR_ABORTED', 'Cannot finish block-copy: it was cancelled', {}, { cause: signal!.reason }));

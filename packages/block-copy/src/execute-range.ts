@@ -4,6 +4,7 @@ import { ShearError, fromWire } from '@shear/base';
 import type { BlockIO, BlockStatusExtent, HostExtent, HostMappable, WriteMapping } from '@shear/block';
 import type { CopyWorkerPool } from './pool.js';
 import type { CopyTaskMessage } from './protocol.js';
+import type { StatusWindow } from './status-window.js';
 
 /** One side of a copy: the node's I/O, and direct host access when the node offers it. */
 export interface CopyEndpoint {
@@ -20,6 +21,8 @@ export interface ExecuteContext {
   dropCache: boolean;
   /** Workers may copy file-to-file pieces with copy_file_range (see CopyTaskMessage). */
   inKernelCopy: boolean;
+  /** The source's block status by windows (background copies of one run); absent: ask per range. */
+  statusWindow?: StatusWindow | undefined;
   /** sync=top: ranges the source does not allocate itself are left out. */
   skipUnallocated: boolean;
   /** The target already reads as zeroes (freshly created): zero ranges need no write at all. */
@@ -93,7 +96,7 @@ async function planRuns(ctx: ExecuteContext, offset: number, bytes: number): Pro
   while (at < end) {
     let extents: BlockStatusExtent[];
     try {
-      extents = await ctx.source.io.blockStatus(at, end - at);
+      extents = await (ctx.statusWindow ?? ctx.source.io).blockStatus(at, end - at);
     } catch (err) {
       throw readError(err, at, end - at, 'block-status');
     }
