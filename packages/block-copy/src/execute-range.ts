@@ -274,6 +274,9 @@ async function copyCompressed(ctx: ExecuteContext, compress: CompressTarget, off
  * nothing of the batch counts as done (it is given back or retried whole).
  */
 export async function executeParts(ctx: ExecuteContext, parts: [number, number][]): Promise<RangeOutcome> {
+  // A batch promoted to the copy-before-write lane may be small enough to run inline, without a
+  // pool (task-lifecycle): then each part goes through the nodes like any inline range.
+  if (!ctx.pool || !ctx.source.mapping?.mapRead || !ctx.target.mapping?.mapWrite) return copyPartsOneByOne(ctx, parts);
   const start = parts[0]![0];
   const end = parts.at(-1)![0] + parts.at(-1)![1];
   let copiedBytes = 0;
