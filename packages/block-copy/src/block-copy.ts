@@ -5,6 +5,7 @@ import type { CompressTarget, CopyEndpoint, RangeOutcome } from './execute-range
 import { LaneScheduler } from './lane-scheduler.js';
 import type { CopyWorkerPool } from './pool.js';
 import { RateLimiter } from './rate-limit.js';
+import { StatusWindow } from './status-window.js';
 import { TaskLifecycle, type CopyProgress } from './task-lifecycle.js';
 import { TaskQueue, type Task } from './task-queue.js';
 
@@ -40,6 +41,11 @@ export interface BlockCopyOptions {
   targetIsZero?: boolean;
   /** Keep written data out of the page cache (sync_file_range + fadvise per piece). Default true. */
   dropCache?: boolean;
+  /**
+   * Let workers copy file-to-file data in the kernel (copy_file_range) when nothing transforms
+   * it (not compressed). Default true; false forces pread/pwrite (for comparison).
+   */
+  inKernelCopy?: boolean;
   retryAttempts?: number;
   retryBackoffMs?: number;
   /** Write deflated clusters through this (a qcow2 target); the cluster size must equal clusterBytes. */
@@ -74,6 +80,7 @@ export class BlockCopy extends EventEmitter {
   readonly maxChunkBytes: number;
   readonly length: number;
   readonly #target: CopyEndpoint;
+  readonly #statusWindow: StatusWindow;
   readonly #queue: TaskQueue;
   readonly #scheduler: LaneScheduler;
   readonly #lifecycle: TaskLifecycle;
@@ -99,6 +106,7 @@ export class BlockCopy extends EventEmitter {
     this.copyBitmap = SharedBitmap.create(Math.max(1, opts.length), this.clusterBytes);
     const { source, target, pool, compress } = opts;
     this.#target = target;
+    this.#statusWindow = new StatusWindow(source.io, this.length);
     if (compress && compress.clusterBytes !== this.clusterBytes) {
       throw new ShearError('ERR_INVALID_ARGUMENT', `Cannot copy compressed: the copy cluster size ${this.clusterBytes} must equal the target's cluster size ${compress.clusterBytes}`);
     }
@@ -146,6 +154,8 @@ export class BlockCopy extends EventEmitter {
         clusterBytes: this.clusterBytes,
         chunkBytes: Math.min(DEFAULT_WORKER_CHUNK_BYTES, this.maxChunkBytes),
         dropCache: opts.dropCache ?? true,
+        inKernelCopy: (opts.inKernelCopy ?? true) && !compress,
+        statusWindow: this.#statusWindow,
         skipUnallocated: opts.skipUnallocated ?? false,
         targetIsZero: opts.targetIsZero ?? false,
         retryAttempts: opts.retryAttempts ?? DEFAULT_RETRY_ATTEMPTS,
@@ -203,6 +213,7 @@ export class BlockCopy extends EventEmitter {
     if (this.#background) throw new ShearError('ERR_INVALID_ARGUMENT', 'Cannot run block-copy: it is already running');
     this.#background = true;
     this.#lifecycle.clearFailure();
+    this.#statusWindow.reset();
     this.#scheduler.restartScan();
     const onAbort = () => {
       this.#lifecycle.stop(new ShearError('ERR_ABORTED', 'Cannot finish block-copy: it was cancelled', {}, { cause: signal!.reason }));

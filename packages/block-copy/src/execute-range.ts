@@ -4,6 +4,7 @@ import { ShearError, fromWire } from '@shear/base';
 import type { BlockIO, BlockStatusExtent, HostExtent, HostMappable, WriteMapping } from '@shear/block';
 import type { CopyWorkerPool } from './pool.js';
 import type { CopyTaskMessage } from './protocol.js';
+import type { StatusWindow } from './status-window.js';
 
 /** One side of a copy: the node's I/O, and direct host access when the node offers it. */
 export interface CopyEndpoint {
@@ -18,6 +19,10 @@ export interface ExecuteContext {
   pool?: CopyWorkerPool | undefined;
   chunkBytes: number;
   dropCache: boolean;
+  /** Workers may copy file-to-file pieces with copy_file_range (see CopyTaskMessage). */
+  inKernelCopy: boolean;
+  /** The source's block status by windows (background copies of one run); absent: ask per range. */
+  statusWindow?: StatusWindow | undefined;
   /** sync=top: ranges the source does not allocate itself are left out. */
   skipUnallocated: boolean;
   /** The target already reads as zeroes (freshly created): zero ranges need no write at all. */
@@ -91,7 +96,7 @@ async function planRuns(ctx: ExecuteContext, offset: number, bytes: number): Pro
   while (at < end) {
     let extents: BlockStatusExtent[];
     try {
-      extents = await ctx.source.io.blockStatus(at, end - at);
+      extents = await (ctx.statusWindow ?? ctx.source.io).blockStatus(at, end - at);
     } catch (err) {
       throw readError(err, at, end - at, 'block-status');
     }
@@ -164,6 +169,7 @@ async function copyThroughWorker(ctx: ExecuteContext, pool: CopyWorkerPool, offs
     dst: dst.extents,
     chunkBytes: ctx.chunkBytes,
     dropCache: ctx.dropCache,
+    inKernelCopy: ctx.inKernelCopy,
     cancel: ctx.cancel.buffer as SharedArrayBuffer,
     cancelIndex: ctx.cancelIndex,
     ...(ctx.faultExitAfterBytes !== undefined ? { faultExitAfterBytes: ctx.faultExitAfterBytes } : {}),
@@ -268,6 +274,9 @@ async function copyCompressed(ctx: ExecuteContext, compress: CompressTarget, off
  * nothing of the batch counts as done (it is given back or retried whole).
  */
 export async function executeParts(ctx: ExecuteContext, parts: [number, number][]): Promise<RangeOutcome> {
+  // A batch promoted to the copy-before-write lane may be small enough to run inline, without a
+  // pool (task-lifecycle): then each part goes through the nodes like any inline range.
+  if (!ctx.pool || !ctx.source.mapping?.mapRead || !ctx.target.mapping?.mapWrite) return copyPartsOneByOne(ctx, parts);
   const start = parts[0]![0];
   const end = parts.at(-1)![0] + parts.at(-1)![1];
   let copiedBytes = 0;
@@ -335,6 +344,7 @@ export async function executeParts(ctx: ExecuteContext, parts: [number, number][
     dst,
     chunkBytes: ctx.chunkBytes,
     dropCache: ctx.dropCache,
+    inKernelCopy: ctx.inKernelCopy,
     cancel: ctx.cancel.buffer as SharedArrayBuffer,
     cancelIndex: ctx.cancelIndex,
     ...(ctx.faultExitAfterBytes !== undefined ? { faultExitAfterBytes: ctx.faultExitAfterBytes } : {}),

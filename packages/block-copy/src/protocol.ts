@@ -20,6 +20,11 @@ export interface CopyTaskMessage {
    * (sync_file_range + posix_fadvise, as nbdcopy does), so dirty pages do not pile up.
    */
   dropCache: boolean;
+  /**
+   * The data needs no transform: pieces whose both sides are file extents may be copied in the
+   * kernel (copy_file_range), falling back to pread/pwrite where the kernel refuses.
+   */
+  inKernelCopy?: boolean;
   /** Int32 cancel words shared with the coordinator; non-zero at `cancelIndex` = stop. */
   cancel: SharedArrayBuffer;
   cancelIndex: number;
@@ -40,7 +45,7 @@ export interface CopyTaskMessage {
  * range that are known to be written (a multiple of chunkBytes, or all of it on success).
  */
 export type CopyTaskResult =
-  | { ok: true; bytes: number; zeroBytes: number; ms: number; compressed?: CompressedCluster[] }
+  | { ok: true; bytes: number; zeroBytes: number; ms: number; compressed?: CompressedCluster[]; /** Bytes copy_file_range moved. */ inKernelBytes?: number }
   | { ok: false; error: WireError; doneBytes: number };
 
 export interface CompressedCluster {

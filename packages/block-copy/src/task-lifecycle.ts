@@ -4,6 +4,7 @@ import { ShearError, alignDown } from '@shear/base';
 import type { SharedBitmap } from '@shear/bitmap';
 import { executeParts, executeRange, type CompressTarget, type CopyEndpoint, type ExecuteContext, type RangeOutcome } from './execute-range.js';
 import type { CopyWorkerPool } from './pool.js';
+import type { StatusWindow } from './status-window.js';
 import { taskBytes, type Task, type TaskQueue } from './task-queue.js';
 
 /** A range copied again after an I/O error: the payload of BlockCopy's 'retry' event. */
@@ -39,6 +40,9 @@ export interface TaskLifecycleOptions {
   /** Pieces a worker moves between two looks at its cancel word. */
   chunkBytes: number;
   dropCache: boolean;
+  inKernelCopy: boolean;
+  /** Shared block status of the source for background and retry tasks (see StatusWindow). */
+  statusWindow: StatusWindow | undefined;
   skipUnallocated: boolean;
   targetIsZero: boolean;
   retryAttempts: number;
@@ -146,6 +150,9 @@ export class TaskLifecycle {
       // what they preserve is often read back soon, by a pull), so only background copies
       // pace the page cache.
       dropCache: o.dropCache && t.lane !== 'cbw',
+      inKernelCopy: o.inKernelCopy,
+      // A guest waits on copy-before-write tasks: they ask for exactly their range, fresh.
+      statusWindow: t.lane === 'cbw' ? undefined : o.statusWindow,
       skipUnallocated: o.skipUnallocated,
       targetIsZero: o.targetIsZero,
       cancel: this.#queue.cancelWords,

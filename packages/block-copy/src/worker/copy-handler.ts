@@ -3,13 +3,21 @@ import { performance } from 'node:perf_hooks';
 import { deflateRawSync } from 'node:zlib';
 import { ShearError, fromWire, toWire, type ErrorCode } from '@shear/base';
 import type { HostExtent } from '@shear/block';
-import { SYNC_FILE_RANGE, errnoName, getNative, type NativeIO } from '@shear/native';
+import { errnoName, getNative, type NativeIO } from '@shear/native';
 import type { CompressedCluster, CopyTaskMessage, CopyTaskResult } from '../protocol.js';
+import { copyInKernel } from './kernel-copy.js';
+import { allFileExtents, forEachPiece } from './pieces.js';
+import { paceWriteback } from './writeback.js';
 
 /**
- * The worker side of block-copy: synchronous pread/pwrite on the fds the coordinator mapped.
+ * The worker side of block-copy: synchronous system calls on the fds the coordinator mapped.
  * A worker thread runs one task at a time, so blocking calls cost nothing but this thread,
  * and one buffer per thread bounds memory whatever the disk size.
+ *
+ * A piece whose source and target are both file extents, in a task that does not transform the
+ * data, is copied in the kernel (copy_file_range: no copy through user memory, one call per
+ * piece instead of a read and a write); anything else, and the rest of a piece where the kernel
+ * copy stopped, goes through pread/pwrite and this thread's buffer.
  *
  * Runs in worker threads and, for tests, in-process; owns nothing but its buffer.
  */
@@ -23,27 +31,40 @@ function bufferOf(bytes: number): Buffer {
 /** Pieces smaller than this are not paced (see writePiece). */
 const PACE_MIN_BYTES = 256 * 1024;
 
-/** The last piece this thread wrote per fd, flushed and dropped when the next one is written. */
-const lastWritten = new Map<number, { offset: number; bytes: number }>();
-
 export function runCopyTask(task: CopyTaskMessage, native: NativeIO = getNative()): CopyTaskResult {
   const t0 = performance.now();
   const cancel = new Int32Array(task.cancel);
   let done = 0;
   let zeroBytes = 0;
   const compressed: CompressedCluster[] = [];
+  let inKernelBytes = 0;
+  let kernel = task.inKernelCopy === true && native.supports.copyFileRange;
   try {
     while (done < task.bytes) {
       if (Atomics.load(cancel, task.cancelIndex) !== 0) {
         return { ok: false, error: toWire(new ShearError('ERR_ABORTED', 'Cannot finish copy task: it was cancelled', { offset: task.offset + done })), doneBytes: done };
       }
       const n = Math.min(task.chunkBytes, task.bytes - done);
-      const buf = bufferOf(n).subarray(0, n);
-      zeroBytes += readPiece(task, done, buf);
       if (task.compressClusterBytes) {
+        const buf = bufferOf(n).subarray(0, n);
+        zeroBytes += readPiece(task, done, buf);
         compressPiece(task, done, buf, compressed);
       } else {
-        writePiece(task, done, buf, native);
+        let inKernel = 0;
+        if (kernel && allFileExtents(task.src, done, n) && allFileExtents(task.dst, done, n)) {
+          const r = copyInKernel(task, done, n, native);
+          inKernel = r.done;
+          inKernelBytes += r.done;
+          // EXDEV, EINVAL, ENOSYS, EOPNOTSUPP or a real I/O error: the rest of the task goes
+          // through pread/pwrite, which reports a real error as a read or a write failure.
+          if (r.error !== undefined) kernel = false;
+        }
+        if (inKernel < n) {
+          const buf = bufferOf(n - inKernel).subarray(0, n - inKernel);
+          zeroBytes += readPiece(task, done + inKernel, buf);
+          writePiece(task, done + inKernel, buf);
+        }
+        paceTarget(task, done, n, native);
       }
       done += n;
       if (task.faultExitAfterBytes !== undefined && done >= task.faultExitAfterBytes) process.exit(70);
@@ -51,24 +72,9 @@ export function runCopyTask(task: CopyTaskMessage, native: NativeIO = getNative(
   } catch (err) {
     return { ok: false, error: toWire(err), doneBytes: done };
   }
-  const result: CopyTaskResult = { ok: true, bytes: task.bytes, zeroBytes, ms: performance.now() - t0 };
+  const result: CopyTaskResult = { ok: true, bytes: task.bytes, zeroBytes, ms: performance.now() - t0, inKernelBytes };
   if (task.compressClusterBytes) result.compressed = compressed;
   return result;
-}
-
-/** Calls `fn` for each part of `extents` inside [at, at + bytes), with the position in that window. */
-function forEachPiece(extents: HostExtent[], at: number, bytes: number, fn: (e: HostExtent, within: number, pos: number, n: number) => void): void {
-  let base = 0;
-  for (const e of extents) {
-    const end = base + e.bytes;
-    if (end > at && base < at + bytes) {
-      const from = Math.max(at, base);
-      const to = Math.min(at + bytes, end);
-      fn(e, from - base, from - at, to - from);
-    }
-    base = end;
-    if (base >= at + bytes) break;
-  }
 }
 
 function ioFailure(code: ErrorCode, task: CopyTaskMessage, pos: number, bytes: number, op: string, err: unknown): ShearError {
@@ -113,7 +119,7 @@ function readPiece(task: CopyTaskMessage, at: number, buf: Buffer): number {
   return zero;
 }
 
-function writePiece(task: CopyTaskMessage, at: number, buf: Buffer, native: NativeIO): void {
+function writePiece(task: CopyTaskMessage, at: number, buf: Buffer): void {
   forEachPiece(task.dst, at, buf.length, (e, within, pos, n) => {
     if (e.kind === 'error') throw fromWire(e.error);
     if (e.kind !== 'fd') throw new ShearError('ERR_INTERNAL', 'Cannot write a copy task: target extent is not a file extent');
@@ -126,30 +132,17 @@ function writePiece(task: CopyTaskMessage, at: number, buf: Buffer, native: Nati
         throw ioFailure('ERR_COPY_WRITE_FAILED', task, at + pos + put, n - put, 'write', err);
       }
     }
-    // Streaming writes are paced; small scattered ones (incrementals) are left to the kernel and
-    // the final flush, where waiting for each piece's writeback would only add latency.
-    if (task.dropCache && n >= PACE_MIN_BYTES) paceWriteback(e.fd, hostOffset, n, native);
   });
 }
 
-/**
- * Starts writeback of the piece just written, waits for the previous piece of the same fd and
- * drops it from the page cache: written data never piles up as dirty pages, so the final
- * fsync has little left to do (the trick nbdcopy uses). Best effort: errors here are ignored,
- * the final flush reports real write errors.
- */
-function paceWriteback(fd: number, offset: number, bytes: number, native: NativeIO): void {
-  try {
-    native.syncFileRange(fd, offset, bytes, SYNC_FILE_RANGE.WRITE);
-    const prev = lastWritten.get(fd);
-    if (prev) {
-      native.syncFileRange(fd, prev.offset, prev.bytes, SYNC_FILE_RANGE.WAIT_BEFORE | SYNC_FILE_RANGE.WRITE | SYNC_FILE_RANGE.WAIT_AFTER);
-      native.fadvise(fd, prev.offset, prev.bytes, 'dontneed');
-    }
-  } catch {
-    // Pacing is an optimisation; correctness comes from the flush at the end.
-  }
-  lastWritten.set(fd, { offset, bytes });
+/** Paces writeback of the target pieces of [at, at + bytes), however they were written. */
+function paceTarget(task: CopyTaskMessage, at: number, bytes: number, native: NativeIO): void {
+  if (!task.dropCache) return;
+  forEachPiece(task.dst, at, bytes, (e, within, _pos, n) => {
+    // Streaming writes are paced; small scattered ones (incrementals) are left to the kernel and
+    // the final flush, where waiting for each piece's writeback would only add latency.
+    if (e.kind === 'fd' && n >= PACE_MIN_BYTES) paceWriteback(e.fd, e.hostOffset + within, n, native);
+  });
 }
 
 /** Deflates each whole cluster of the piece (raw deflate, as qcow2 stores compressed clusters). */
