@@ -23,7 +23,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { performance } from 'node:perf_hooks';
-import { BlockGraph, FileDriver, PERM_ALL, PERM_CONSISTENT_READ, PERM_WRITE, filterChildPerms, type BlockIO, type BlockStatusExtent, type WriteOptions } from '@shear/block';
+import { BlockGraph, FileDriver, PERM_ALL, type HostExtent, type HostMappable, PERM_CONSISTENT_READ, PERM_WRITE, filterChildPerms, type BlockIO, type BlockStatusExtent, type WriteOptions } from '@shear/block';
 import { CBW_INFO, CopyBeforeWrite } from '@shear/fleecing';
 import { envNumber } from './lib/bench-start.js';
 import { commandLine, runCommand } from './lib/copy-runner.js';
@@ -137,11 +137,15 @@ async function daemonsPart(): Promise<{ rows: Row[]; runs: DaemonRun[] }> {
 
 // ---- part 2: the stages of one copy-before-write write ----
 
-/** A FileDriver whose reads and writes add their duration to the current stage record. */
+/**
+ * A FileDriver whose reads and writes report their duration. `mapped`: it also offers its host
+ * mapping (the copy then goes by copy_file_range between the fds, timed from mapWrite to commit).
+ */
 class Timed implements BlockIO {
   onRead: (ms: number) => void = () => {};
   onWrite: (ms: number) => void = () => {};
-  constructor(readonly inner: FileDriver) {}
+  onMappedCopy: (ms: number) => void = () => {};
+  constructor(readonly inner: FileDriver, readonly mapped: boolean) {}
   get length() { return this.inner.length; }
   async read(o: number, b: Uint8Array) { const t = performance.now(); await this.inner.read(o, b); this.onRead(performance.now() - t); }
   async write(o: number, b: Uint8Array, opts?: WriteOptions) { const t = performance.now(); await this.inner.write(o, b, opts); this.onWrite(performance.now() - t); }
@@ -149,37 +153,56 @@ class Timed implements BlockIO {
   discard(o: number, n: number) { return this.inner.discard(o, n); }
   flush() { return this.inner.flush(); }
   blockStatus(o: number, n: number): Promise<BlockStatusExtent[]> { return this.inner.blockStatus(o, n); }
-  hostMapping() { return undefined; }
+  hostMapping(): HostMappable | undefined {
+    if (!this.mapped) return undefined;
+    // As a raw file maps (block's fileMapping): one extent on the fd, nothing to commit.
+    const extents = (o: number, n: number): HostExtent[] => [{ kind: 'fd', fd: this.inner.fd, hostOffset: o, bytes: n }];
+    return {
+      mapRead: async (o, n) => extents(o, n),
+      mapWrite: async (o, n) => {
+        const t = performance.now();
+        return { extents: extents(o, n), abort: async () => {}, commit: async () => { this.onMappedCopy(performance.now() - t); } };
+      },
+    };
+  }
   close() { return this.inner.close(); }
 }
 
-async function stagesPart(): Promise<{ rows: Row[]; stages: Row[] }> {
-  const srcFile = path.join(WORK_DIR, 'stage-src.raw');
-  const plainFile = path.join(WORK_DIR, 'stage-plain.raw');
-  const tgtFile = path.join(WORK_DIR, 'stage-tgt.raw');
+type Variant = 'node' | 'mapped';
+interface StageSet { readOld: number[]; writeTarget: number[]; copyInKernel: number[]; guestWrite: number[]; engine: number[]; total: number[]; rewrite: number[] }
+
+async function stagesPart(): Promise<{ rows: Row[]; stages: Record<Variant, Row[]> }> {
   const clusters = Math.min(IMAGE_BYTES / WRITE_BYTES, STAGE_WRITES * 2);
   const bytes = clusters * WRITE_BYTES;
-  randomImage(srcFile, bytes);
-  randomImage(plainFile, bytes);
-  sparseFile(tgtFile, bytes);
+  const files: string[] = [];
+  const file = (name: string, random: boolean) => {
+    const f = path.join(WORK_DIR, `stage-${name}.raw`);
+    files.push(f);
+    if (random) randomImage(f, bytes);
+    else sparseFile(f, bytes);
+    return f;
+  };
   const g = new BlockGraph();
   const info = { name: 'file', childPerms: filterChildPerms };
-  const src = new Timed(await FileDriver.open(srcFile));
-  const tgt = new Timed(await FileDriver.open(tgtFile));
-  const srcNode = await g.addNode({ name: 'src', info, open: async () => src });
-  const tgtNode = await g.addNode({ name: 'tgt', info, open: async () => tgt });
-  const plainNode = await g.addNode({ name: 'plain', info, open: () => FileDriver.open(plainFile) });
-  const cbwNode = await g.addNode({
-    name: 'cbw', info: CBW_INFO,
-    children: [{ role: 'file', node: srcNode }, { role: 'target', node: tgtNode }],
-    open: async (c) => new CopyBeforeWrite({ file: c.get('file')!, target: c.get('target')! }),
-  });
-  const guest = g.attachUser({ kind: 'user', name: 'guest' }, cbwNode, PERM_WRITE | PERM_CONSISTENT_READ, PERM_ALL);
+  const plainNode = await g.addNode({ name: 'plain', info, open: () => FileDriver.open(file('plain', true)) });
   const plain = g.attachUser({ kind: 'user', name: 'plain' }, plainNode, PERM_WRITE | PERM_CONSISTENT_READ, PERM_ALL);
+  const setup = async (v: Variant) => {
+    const src = new Timed(await FileDriver.open(file(`${v}-src`, true)), v === 'mapped');
+    const tgt = new Timed(await FileDriver.open(file(`${v}-tgt`, false)), v === 'mapped');
+    const srcNode = await g.addNode({ name: `${v}-src`, info, open: async () => src });
+    const tgtNode = await g.addNode({ name: `${v}-tgt`, info, open: async () => tgt });
+    const cbwNode = await g.addNode({
+      name: `${v}-cbw`, info: CBW_INFO,
+      children: [{ role: 'file', node: srcNode }, { role: 'target', node: tgtNode }],
+      open: async (c) => new CopyBeforeWrite({ file: c.get('file')!, target: c.get('target')! }),
+    });
+    const guest = g.attachUser({ kind: 'user', name: `${v}-guest` }, cbwNode, PERM_WRITE | PERM_CONSISTENT_READ, PERM_ALL);
+    const s: StageSet = { readOld: [], writeTarget: [], copyInKernel: [], guestWrite: [], engine: [], total: [], rewrite: [] };
+    return { v, src, tgt, guest, s };
+  };
+  const variants = [await setup('node'), await setup('mapped')];
   const data = Buffer.alloc(WRITE_BYTES, 0x5a);
-  const s = { readOld: [] as number[], writeTarget: [] as number[], guestWrite: [] as number[], engine: [] as number[], total: [] as number[] };
   const plainMs: number[] = [];
-  const rewriteMs: number[] = [];
   try {
     // A permutation of the clusters so every CBW write is its cluster's first.
     const order = Array.from({ length: clusters }, (_, i) => i);
@@ -194,44 +217,54 @@ async function stagesPart(): Promise<{ rows: Row[]; stages: Row[] }> {
       let t = performance.now();
       await plain.write(off, data);
       plainMs.push(performance.now() - t);
-      let rd = 0, tw = 0, gw = 0;
-      src.onRead = (ms) => (rd += ms);
-      tgt.onWrite = (ms) => (tw += ms);
-      src.onWrite = (ms) => (gw += ms);
-      t = performance.now();
-      await guest.write(off, data);
-      const total = performance.now() - t;
-      s.readOld.push(rd); s.writeTarget.push(tw); s.guestWrite.push(gw); s.total.push(total);
-      s.engine.push(total - rd - tw - gw);
-      src.onRead = tgt.onWrite = src.onWrite = () => {};
-      // The same cluster again: already preserved, no copy.
-      t = performance.now();
-      await guest.write(off, data);
-      rewriteMs.push(performance.now() - t);
+      for (const { src, tgt, guest, s } of variants) {
+        let rd = 0, tw = 0, ck = 0, gw = 0;
+        src.onRead = (ms) => (rd += ms);
+        tgt.onWrite = (ms) => (tw += ms);
+        tgt.onMappedCopy = (ms) => (ck += ms);
+        src.onWrite = (ms) => (gw += ms);
+        t = performance.now();
+        await guest.write(off, data);
+        const total = performance.now() - t;
+        s.readOld.push(rd); s.writeTarget.push(tw); s.copyInKernel.push(ck); s.guestWrite.push(gw); s.total.push(total);
+        s.engine.push(total - rd - tw - ck - gw);
+        src.onRead = tgt.onWrite = tgt.onMappedCopy = src.onWrite = () => {};
+        // The same cluster again: already preserved, no copy.
+        t = performance.now();
+        await guest.write(off, data);
+        s.rewrite.push(performance.now() - t);
+      }
     }
   } finally {
-    g.detachUser(guest);
+    for (const { v, guest } of variants) {
+      g.detachUser(guest);
+      await g.removeNode(`${v}-cbw`);
+      await g.removeNode(`${v}-src`);
+      await g.removeNode(`${v}-tgt`);
+    }
     g.detachUser(plain);
-    await g.removeNode('cbw');
-    for (const n of ['src', 'tgt', 'plain']) await g.removeNode(n);
-    for (const f of [srcFile, plainFile, tgtFile]) rmSync(f, { force: true });
+    await g.removeNode('plain');
+    for (const f of files) rmSync(f, { force: true });
   }
   const q = (v: number[], p: number) => percentile([...v].sort((a, b) => a - b), p);
   const row = (what: string, v: number[]): Row => ({ what, 'mean µs': (v.reduce((a, b) => a + b, 0) / v.length) * 1000, 'p50 µs': q(v, 50) * 1000, 'p99 µs': q(v, 99) * 1000 });
-  const stages = [
-    row('read old data (source read)', s.readOld),
-    row('write old data to target', s.writeTarget),
+  const stageRows = (s: StageSet, mapped: boolean): Row[] => [
+    ...(mapped
+      ? [row('copy old data: copy_file_range, mapWrite to commit', s.copyInKernel)]
+      : [row('read old data (source read)', s.readOld), row('write old data to target', s.writeTarget)]),
     row('guest write (source write)', s.guestWrite),
     row('engine: claim, bitmaps, tables, events, loop turns', s.engine),
     row('= CBW first write, total', s.total),
   ];
   const p99Plain = q(plainMs, 99);
+  const [node, mapped] = variants.map((v) => v.s) as [StageSet, StageSet];
   const rows = [
     { ...row('plain write, no filter', plainMs), 'p99 ÷ plain': 1 },
-    { ...row('CBW first write', s.total), 'p99 ÷ plain': q(s.total, 99) / p99Plain },
-    { ...row('CBW write, cluster already preserved', rewriteMs), 'p99 ÷ plain': q(rewriteMs, 99) / p99Plain },
+    { ...row('CBW first write, copy through the nodes', node.total), 'p99 ÷ plain': q(node.total, 99) / p99Plain },
+    { ...row('CBW first write, mapped files', mapped.total), 'p99 ÷ plain': q(mapped.total, 99) / p99Plain },
+    { ...row('CBW write, cluster already preserved', mapped.rewrite), 'p99 ÷ plain': q(mapped.rewrite, 99) / p99Plain },
   ];
-  return { rows, stages };
+  return { rows, stages: { node: stageRows(node, false), mapped: stageRows(mapped, true) } };
 }
 
 async function main(): Promise<number> {
@@ -250,8 +283,10 @@ async function main(): Promise<number> {
       console.log(`\nstages: ${STAGE_WRITES} writes of 64 KiB, one at a time, in this process (page cache warm)`);
       const r = await stagesPart();
       printTable(r.rows);
-      console.log('');
-      printTable(r.stages);
+      console.log('\none CBW write, copy through the nodes (a target that cannot be mapped):');
+      printTable(r.stages.node);
+      console.log('\none CBW write, both sides mapped files:');
+      printTable(r.stages.mapped);
       out['stages'] = r;
     }
     if (PARTS.includes('daemons')) {
