@@ -398,3 +398,38 @@ t.test('a small copy-before-write copy between mapped files goes by copy_file_ra
   t.equal(bc.copyBitmap.nextDirtyArea(5 * 64 * KiB, 9 * 64 * KiB), null, 'the copied clusters left the copy bitmap');
   t.equal(bc.inFlightTasks, 0);
 });
+
+t.test('a copy-before-write copy between files on two filesystems (copy_file_range refuses: EXDEV) falls back to the nodes', async (t) => {
+  const shm = '/dev/shm';
+  if (!fsSync.existsSync(shm)) {
+    t.skip('no /dev/shm (tmpfs) here to put the target on another filesystem');
+    return;
+  }
+  const dir = t.testdir();
+  const srcPath = path.join(dir, 'src.raw');
+  const dstDir = fsSync.mkdtempSync(path.join(shm, 'shear-cbw-'));
+  t.teardown(() => fsSync.rmSync(dstDir, { recursive: true, force: true }));
+  const content = makeImage(srcPath, 1 * MiB, 3);
+  const src = await FileDriver.open(srcPath, { readOnly: true });
+  const dst = await FileDriver.open(path.join(dstDir, 'dst.raw'), { create: { size: 1 * MiB } });
+  t.teardown(async () => {
+    await src.close();
+    await dst.close();
+  });
+  let nodeReads = 0;
+  const source: BlockIO = {
+    get length() { return src.length; },
+    read: (o, b) => { nodeReads++; return src.read(o, b); },
+    write: (o, b, opts) => src.write(o, b, opts),
+    writeZeroes: (o, n, opts) => src.writeZeroes(o, n, opts),
+    discard: (o, n) => src.discard(o, n),
+    flush: () => src.flush(),
+    blockStatus: (o, n) => src.blockStatus(o, n),
+    close: async () => {},
+  };
+  const bc = new BlockCopy({ source: { io: source, mapping: fileMapping(src) }, target: { io: dst, mapping: fileMapping(dst) }, length: 1 * MiB });
+  bc.copyBitmap.set(0, 1 * MiB);
+  await bc.copyRange(0, 1 * MiB);
+  t.ok(readFileSync(path.join(dstDir, 'dst.raw')).equals(content), 'the range is on the target');
+  t.ok(nodeReads > 0, 'the data went through the nodes');
+});
