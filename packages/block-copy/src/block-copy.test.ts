@@ -364,3 +364,72 @@ t.test('a zero-length copy finishes at once, even with "everything" set in its c
   t.equal(bc.inFlightTasks, 0);
   t.pass(`run() resolved (timer ran: ${timerRan})`);
 });
+
+t.test('a small copy-before-write copy between mapped files goes by copy_file_range, exactly and without reading the nodes', async (t) => {
+  const pool = new CopyWorkerPool({ workers: 1 });
+  t.teardown(() => pool.destroy());
+  const e = await fileEndpoints(t, 4 * MiB, 7);
+  // Reads and writes through the nodes are counted: the in-kernel path must not use them.
+  let nodeIO = 0;
+  const count = (io: BlockIO): BlockIO => ({
+    get length() { return io.length; },
+    read: (o, b) => { nodeIO++; return io.read(o, b); },
+    write: (o, b, opts) => { nodeIO++; return io.write(o, b, opts); },
+    writeZeroes: (o, n, opts) => io.writeZeroes(o, n, opts),
+    discard: (o, n) => io.discard(o, n),
+    flush: () => io.flush(),
+    blockStatus: (o, n) => io.blockStatus(o, n),
+    close: () => io.close(),
+  });
+  const bc = new BlockCopy({
+    source: { io: count(e.source.io), mapping: e.source.mapping },
+    target: { io: count(e.target.io), mapping: e.target.mapping },
+    length: 4 * MiB, pool, maxChunkBytes: 1 * MiB,
+  });
+  bc.copyBitmap.set(0, 4 * MiB);
+  // Every cluster's first write, unaligned ranges included, one after another and two at once.
+  await bc.copyRange(5 * 64 * KiB + 100, 3 * 64 * KiB);
+  await Promise.all([bc.copyRange(0, 1), bc.copyRange(30 * 64 * KiB, 64 * KiB)]);
+  const dst = readFileSync(e.dstPath);
+  for (const [o, b] of [[0, 64 * KiB], [5 * 64 * KiB, 4 * 64 * KiB], [30 * 64 * KiB, 64 * KiB]] as const) {
+    t.ok(dst.subarray(o, o + b).equals(e.content.subarray(o, o + b)), `cluster range (${o}, ${b}) is on the target`);
+  }
+  t.equal(nodeIO, 0, 'no read or write went through the nodes');
+  t.equal(bc.copyBitmap.nextDirtyArea(5 * 64 * KiB, 9 * 64 * KiB), null, 'the copied clusters left the copy bitmap');
+  t.equal(bc.inFlightTasks, 0);
+});
+
+t.test('a copy-before-write copy between files on two filesystems (copy_file_range refuses: EXDEV) falls back to the nodes', async (t) => {
+  const shm = '/dev/shm';
+  if (!fsSync.existsSync(shm)) {
+    t.skip('no /dev/shm (tmpfs) here to put the target on another filesystem');
+    return;
+  }
+  const dir = t.testdir();
+  const srcPath = path.join(dir, 'src.raw');
+  const dstDir = fsSync.mkdtempSync(path.join(shm, 'shear-cbw-'));
+  t.teardown(() => fsSync.rmSync(dstDir, { recursive: true, force: true }));
+  const content = makeImage(srcPath, 1 * MiB, 3);
+  const src = await FileDriver.open(srcPath, { readOnly: true });
+  const dst = await FileDriver.open(path.join(dstDir, 'dst.raw'), { create: { size: 1 * MiB } });
+  t.teardown(async () => {
+    await src.close();
+    await dst.close();
+  });
+  let nodeReads = 0;
+  const source: BlockIO = {
+    get length() { return src.length; },
+    read: (o, b) => { nodeReads++; return src.read(o, b); },
+    write: (o, b, opts) => src.write(o, b, opts),
+    writeZeroes: (o, n, opts) => src.writeZeroes(o, n, opts),
+    discard: (o, n) => src.discard(o, n),
+    flush: () => src.flush(),
+    blockStatus: (o, n) => src.blockStatus(o, n),
+    close: async () => {},
+  };
+  const bc = new BlockCopy({ source: { io: source, mapping: fileMapping(src) }, target: { io: dst, mapping: fileMapping(dst) }, length: 1 * MiB });
+  bc.copyBitmap.set(0, 1 * MiB);
+  await bc.copyRange(0, 1 * MiB);
+  t.ok(readFileSync(path.join(dstDir, 'dst.raw')).equals(content), 'the range is on the target');
+  t.ok(nodeReads > 0, 'the data went through the nodes');
+});

@@ -2,6 +2,7 @@ import { promisify } from 'node:util';
 import { deflateRaw } from 'node:zlib';
 import { ShearError, fromWire } from '@shear/base';
 import type { BlockIO, BlockStatusExtent, HostExtent, HostMappable, WriteMapping } from '@shear/block';
+import { getNative } from '@shear/native';
 import type { CopyWorkerPool } from './pool.js';
 import type { CopyTaskMessage } from './protocol.js';
 import type { StatusWindow } from './status-window.js';
@@ -33,6 +34,11 @@ export interface ExecuteContext {
   signal?: AbortSignal | undefined;
   /** Store whole clusters deflated (qcow2 compressed clusters), as QEMU's backup `compress`. */
   compress?: CompressTarget | undefined;
+  /**
+   * A guest waits on this copy (copy-before-write lane): a copy between mapped files is made by
+   * one synchronous copy_file_range here, with no trip to the thread pool (see copyInKernel).
+   */
+  guestWaiting?: boolean | undefined;
   /** Fault injection: the worker running this task dies after writing this many bytes. */
   faultExitAfterBytes?: number | undefined;
 }
@@ -191,6 +197,10 @@ async function copyThroughWorker(ctx: ExecuteContext, pool: CopyWorkerPool, offs
 }
 
 async function copyInline(ctx: ExecuteContext, offset: number, bytes: number): Promise<DataOutcome> {
+  if (ctx.guestWaiting && ctx.source.mapping?.mapRead && ctx.target.mapping?.mapWrite && getNative().supports.copyFileRange) {
+    const r = await copyInKernel(ctx, offset, bytes);
+    if (r) return r;
+  }
   const buf = new Uint8Array(Math.min(ctx.chunkBytes, bytes));
   let done = 0;
   while (done < bytes) {
@@ -210,6 +220,57 @@ async function copyInline(ctx: ExecuteContext, offset: number, bytes: number): P
       return { ok: false, error: writeError(err, offset + done, n), doneBytes: done };
     }
     done += n;
+  }
+  return { ok: true };
+}
+
+/**
+ * A copy a guest waits on (copy-before-write, at most INLINE_CBW_MAX_BYTES) between two mapped
+ * files: one synchronous copy_file_range on the coordinator, no buffer and no trip to the thread
+ * pool, where pread then pwrite take two trips. On a loaded machine each trip costs the
+ * coordinator a wake-up and often its CPU (bench guest, stages: the copy's p99 1.5 ms through
+ * the pool, 0.15 ms this way), while 64 KiB in the page cache copy in some 40 µs. A cold source
+ * blocks the coordinator for one read; so does every block-status call already (lseek, planRuns).
+ * Returns undefined, having written nothing, when the kernel cannot do it (EXDEV, EOPNOTSUPP)
+ * or a side has no plain file extents here; the caller then copies through the nodes.
+ */
+async function copyInKernel(ctx: ExecuteContext, offset: number, bytes: number): Promise<DataOutcome | undefined> {
+  if (Atomics.load(ctx.cancel, ctx.cancelIndex) !== 0) {
+    return { ok: false, error: new ShearError('ERR_ABORTED', 'Cannot finish copy task: it was cancelled', { offset }), doneBytes: 0 };
+  }
+  let src: HostExtent[];
+  try {
+    src = await ctx.source.mapping!.mapRead!(offset, bytes);
+  } catch (err) {
+    if ((err as ShearError).code === 'ERR_NOT_IMPLEMENTED') return undefined;
+    return { ok: false, error: readError(err, offset, bytes, 'map'), doneBytes: 0 };
+  }
+  if (src.length !== 1 || src[0]!.kind !== 'fd') return undefined;
+  let dst: WriteMapping;
+  try {
+    dst = await ctx.target.mapping!.mapWrite!(offset, bytes);
+  } catch (err) {
+    return { ok: false, error: writeError(err, offset, bytes), doneBytes: 0 };
+  }
+  const from = src[0]!;
+  const to = dst.extents[0];
+  if (dst.extents.length !== 1 || to?.kind !== 'fd') {
+    await dst.abort().catch(() => {});
+    return undefined;
+  }
+  try {
+    const n = getNative().copyFileRange(from.fd, from.hostOffset, to.fd, to.hostOffset, bytes);
+    if (n !== bytes) throw new ShearError('ERR_IO', `Cannot copy (${offset}, ${bytes}): the source ended after ${n} bytes`, { offset, bytes, op: 'copy-file-range' });
+  } catch (err) {
+    await dst.abort().catch(() => {});
+    if ((err as ShearError).code === 'ERR_IO_UNSUPPORTED') return undefined;
+    // One call moved the bytes: which side failed is not told apart, so it counts as the write.
+    return { ok: false, error: writeError(err, offset, bytes), doneBytes: 0 };
+  }
+  try {
+    await dst.commit();
+  } catch (err) {
+    return { ok: false, error: writeError(err, offset, bytes), doneBytes: 0 };
   }
   return { ok: true };
 }

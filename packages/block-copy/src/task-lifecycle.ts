@@ -158,6 +158,7 @@ export class TaskLifecycle {
       cancel: this.#queue.cancelWords,
       cancelIndex: t.cancelIndex,
       compress: o.compress,
+      guestWaiting: inline && t.lane === 'cbw',
       faultExitAfterBytes: this.#faultsLeft-- > 0 ? o.faultInjection?.killWorkerAfterBytes ?? 0 : undefined,
     };
     (t.parts ? executeParts(ctx, t.parts) : executeRange(ctx, t.offset, t.bytes))

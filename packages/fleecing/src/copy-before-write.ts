@@ -18,6 +18,7 @@ import {
 import { BlockCopy, DEFAULT_CLUSTER_BYTES, type BlockCopyOptions, type CopyWorkerPool } from '@shear/block-copy';
 import { RequestTable, type InFlightRequest } from '@shear/reqlist';
 import { FleecingCache, type CacheEventSink } from './fleecing-cache.js';
+import { ReadGate } from './read-gate.js';
 
 export type OnCbwError = 'break-guest-write' | 'break-snapshot';
 
@@ -87,6 +88,8 @@ export class CopyBeforeWrite implements BlockIO {
   readonly #file: ChildEdge;
   readonly #target: ChildEdge;
   readonly #reads = new RequestTable();
+  /** Snapshot reads take a slot here first, so they leave the thread pool to the guest's writes. */
+  readonly #readGate = new ReadGate();
   readonly #onEvent: CacheEventSink | undefined;
   #broken: ShearError | undefined;
   #closed = false;
@@ -152,30 +155,50 @@ export class CopyBeforeWrite implements BlockIO {
   }
 
   async write(offset: number, buf: Uint8Array, opts?: WriteOptions): Promise<void> {
-    const req = await this.#beforeWrite(offset, buf.length);
+    this.#readGate.guestWriteStarted();
     try {
-      await this.#file.write(offset, buf, opts);
+      const req = await this.#beforeWrite(offset, buf.length);
+      try {
+        await this.#file.write(offset, buf, opts);
+      } finally {
+        req?.remove();
+      }
     } finally {
-      req?.remove();
+      this.#readGate.guestWriteEnded();
     }
   }
 
   async writeZeroes(offset: number, bytes: number, opts?: WriteZeroesOptions): Promise<void> {
-    const req = await this.#beforeWrite(offset, bytes);
+    this.#readGate.guestWriteStarted();
     try {
-      await this.#file.writeZeroes(offset, bytes, opts);
+      const req = await this.#beforeWrite(offset, bytes);
+      try {
+        await this.#file.writeZeroes(offset, bytes, opts);
+      } finally {
+        req?.remove();
+      }
     } finally {
-      req?.remove();
+      this.#readGate.guestWriteEnded();
     }
   }
 
   async discard(offset: number, bytes: number): Promise<void> {
-    const req = await this.#beforeWrite(offset, bytes);
+    this.#readGate.guestWriteStarted();
     try {
-      await this.#file.discard(offset, bytes);
+      const req = await this.#beforeWrite(offset, bytes);
+      try {
+        await this.#file.discard(offset, bytes);
+      } finally {
+        req?.remove();
+      }
     } finally {
-      req?.remove();
+      this.#readGate.guestWriteEnded();
     }
+  }
+
+  /** Snapshot reads in flight and waiting for a slot (tests, diagnostics). */
+  get snapshotReads(): { reading: number; waiting: number } {
+    return { reading: this.#readGate.reading, waiting: this.#readGate.waiting };
   }
 
   flush(): Promise<void> {
@@ -251,6 +274,16 @@ export class CopyBeforeWrite implements BlockIO {
     const bytes = buf.length;
     if (bytes === 0) return;
     this.#checkReadable(offset, bytes);
+    const leave = await this.#readGate.enter();
+    try {
+      await this.#snapshotReadAdmitted(offset, buf);
+    } finally {
+      leave();
+    }
+  }
+
+  async #snapshotReadAdmitted(offset: number, buf: Uint8Array): Promise<void> {
+    const bytes = buf.length;
     const start = alignDown(offset, this.clusterBytes);
     const end = Math.min(this.length, alignUp(offset + bytes, this.clusterBytes));
     const req = await this.#reads.acquire(start, end - start, 'snapshot-read');

@@ -241,3 +241,79 @@ t.test('a guest write whose preserving copy is cancelled by a reader discarding 
   await s.reader.read(32 * C, rest);
   t.ok(rest.equals(slice(s.original, 32 * C, 32 * C)), 'the rest of the view is intact');
 });
+
+/** Holds every read that reaches `io` until released, in arrival order. */
+function holdReads(io: Hooked) {
+  const held: { offset: number; release: () => void }[] = [];
+  let arrivedOne: (() => void) | undefined;
+  io.hook = async (op, offset) => {
+    if (op !== 'read') return;
+    await new Promise<void>((release) => {
+      held.push({ offset, release });
+      arrivedOne?.();
+    });
+  };
+  const settle = async () => { for (let i = 0; i < 20; i++) await new Promise((r) => setImmediate(r)); };
+  return { held, settle };
+}
+
+t.test('guest first: snapshot reads take at most two slots, a guest write never waits for a slot, and while one is under way readers get one', async (t) => {
+  const source = new Hooked(new MemoryDriver({ length: 16 * C }));
+  const target = new Hooked(new MemoryDriver({ length: 16 * C }));
+  const s = await setup(16, { source, target });
+  const h = holdReads(source);
+  const bufs = [0, 1, 2, 3].map(() => Buffer.alloc(C));
+  const reads = bufs.map((b, i) => s.reader.read(i * C, b));
+  await h.settle();
+  t.equal(h.held.length, 2, 'two snapshot reads reached the source');
+  t.same(s.cbw.snapshotReads, { reading: 2, waiting: 2 });
+  // The guest writes cluster 8 while both slots are taken: its copy reads the source (held too,
+  // but not behind the gate), then the target is written and the guest's data lands.
+  let gateTarget!: () => void;
+  target.hook = async (op) => {
+    if (op === 'write') await new Promise<void>((r) => (gateTarget = r));
+  };
+  const data = randomBytes(C);
+  let written = false;
+  const write = s.guest.write(8 * C, data).then(() => (written = true));
+  await h.settle();
+  t.equal(h.held.length, 3, "the guest's copy read the source without waiting for a slot");
+  h.held[2]!.release();
+  await h.settle();
+  // The copy now waits in the target write (gated); a slot frees up meanwhile.
+  h.held[0]!.release();
+  await h.settle();
+  t.same(s.cbw.snapshotReads, { reading: 1, waiting: 2 }, 'with a guest write under way, readers get one slot: none admitted');
+  t.notOk(written);
+  target.hook = async () => {};
+  gateTarget();
+  await write;
+  t.ok(written, 'the guest write finished while readers waited');
+  await h.settle();
+  t.same(s.cbw.snapshotReads, { reading: 2, waiting: 1 }, 'the guest write is done: two slots again, the next reader in arrival order');
+  t.equal(h.held.at(-1)!.offset, 2 * C, 'cluster 2 was admitted before cluster 3');
+  source.hook = async () => {};
+  for (const x of h.held.slice(1)) x.release();
+  await Promise.all(reads);
+  t.same(s.cbw.snapshotReads, { reading: 0, waiting: 0 });
+  bufs.forEach((b, i) => t.ok(b.equals(slice(s.original, i * C, C)), `snapshot read ${i} returned the original data`));
+  const snap = Buffer.alloc(C);
+  await s.reader.read(8 * C, snap);
+  t.ok(snap.equals(slice(s.original, 8 * C, C)), 'the written cluster still reads as it was in the view');
+});
+
+t.test('a snapshot read refused (discarded range) or failing gives its slot back', async (t) => {
+  const source = new Hooked(new MemoryDriver({ length: 8 * C }));
+  const s = await setup(8, { source });
+  await s.cbw.snapshotDiscard(0, 2 * C);
+  for (let i = 0; i < 3; i++) await t.rejects(s.reader.read(0, Buffer.alloc(C)), { code: 'ERR_SNAPSHOT_DISCARDED' });
+  source.hook = async (op) => {
+    if (op === 'read') throw new ShearError('ERR_IO', 'Cannot read: injected', { errno: 'EIO' });
+  };
+  for (let i = 0; i < 3; i++) await t.rejects(s.reader.read(4 * C, Buffer.alloc(C)), { code: 'ERR_IO' });
+  t.same(s.cbw.snapshotReads, { reading: 0, waiting: 0 });
+  source.hook = async () => {};
+  const buf = Buffer.alloc(C);
+  await s.reader.read(4 * C, buf);
+  t.ok(buf.equals(slice(s.original, 4 * C, C)));
+});
