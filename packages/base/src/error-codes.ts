@@ -74,6 +74,11 @@ export const ERROR_CODES = {
   ERR_NBD_EXPORT_EXISTS: 'invalid-argument',
   ERR_NBD_EXPORT_IN_USE: 'busy',
   ERR_NBD_ADDRESS: 'permission',
+
+  ERR_MANIFEST_NOT_FOUND: 'not-found',
+  ERR_MANIFEST_INVALID: 'corrupt',
+  ERR_BACKING_MISMATCH: 'invalid-argument',
+  ERR_PULL_STATE_MISMATCH: 'invalid-argument',
 } as const;
 
 export type ErrorCode = keyof typeof ERROR_CODES;
