@@ -28,6 +28,7 @@ have its manifest (LAST.shear-manifest.json): a link without one is an unfinishe
 refused. A file target is written to a hidden file beside it and renamed into place at the end.
 
 options:
+  --chain LAST                the backup to restore (its older links are found from it)
   --target PATH|URL           a new image file, or an NBD export to overwrite:
                               nbd+unix:///EXPORT?socket=PATH or nbd://HOST[:PORT]/EXPORT
                               (the export must be as large as the disk and writable)
