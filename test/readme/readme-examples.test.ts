@@ -206,7 +206,7 @@ function sameOptions(t: Test, what: string, fromHelp: Map<string, string>, fromR
 }
 
 t.test("the README's option lists are shear help's", async (t) => {
-  for (const command of ['backup', 'daemon', 'jobs', 'restore', 'verify']) {
+  for (const command of ['backup', 'pull', 'daemon', 'jobs', 'restore', 'verify']) {
     const list = blockAfter(new RegExp(`^### \`shear ${command}\``));
     t.ok(list, `the README has a list under "### \`shear ${command}\`"`);
     sameOptions(t, `shear ${command}`, options(await help(command), /^ {2}/), options(list, /^/));

@@ -1,6 +1,7 @@
 #!/usr/bin/env node
 import { ShearError } from '@shear/base';
 import { runBackup, BACKUP_USAGE } from './commands/backup.js';
+import { runPull, PULL_USAGE } from './commands/pull.js';
 import { runDemo } from './commands/demo.js';
 import { runDaemon, DAEMON_USAGE } from './commands/daemon.js';
 import { runJobs, JOBS_USAGE } from './commands/jobs.js';
@@ -15,6 +16,7 @@ const USAGE = `usage: shear <command> [options]
 
 commands:
   backup      copy a disk image to a new image (full, or top layer), in parallel
+  pull        back up a running VM's disk from its NBD export (full or incremental)
   daemon      run the daemon: block nodes and backup jobs behind a QMP socket
   demo        make a demo disk, back it up, verify it, and walk through dirty bitmaps
   jobs        show (or --watch) a daemon's jobs: progress, fleecing cache state, events
@@ -74,6 +76,8 @@ async function runCommand(command: string | undefined, rest: string[], log: Retu
     switch (command) {
       case 'backup':
         return await runBackup(rest, log.child({ component: 'backup' }), intr.signal, intr);
+      case 'pull':
+        return await runPull(rest, log.child({ component: 'pull' }), intr.signal, intr);
       case 'demo':
         return await runDemo(rest, log.child({ component: 'demo' }), intr.signal);
       case 'jobs':
@@ -86,7 +90,7 @@ async function runCommand(command: string | undefined, rest: string[], log: Retu
       case 'help':
       case '--help':
       case '-h':
-        process.stdout.write(({ backup: BACKUP_USAGE, daemon: DAEMON_USAGE, jobs: JOBS_USAGE, restore: RESTORE_USAGE, verify: VERIFY_USAGE }[rest[0] ?? ''] ?? USAGE) + '\n');
+        process.stdout.write(({ backup: BACKUP_USAGE, pull: PULL_USAGE, daemon: DAEMON_USAGE, jobs: JOBS_USAGE, restore: RESTORE_USAGE, verify: VERIFY_USAGE }[rest[0] ?? ''] ?? USAGE) + '\n');
         return EXIT.OK;
       default:
         process.stderr.write(`shear: unknown command "${command}"\n\n${USAGE}\n`);

@@ -1,7 +1,7 @@
 export { NbdServer, DEFAULT_HANDSHAKE_TIMEOUT_MS, type NbdServerOptions, type RemoveMode } from './server/server.js';
 export { type NbdExportOptions, type NbdExportInfo } from './server/export.js';
 export { MAX_INFLIGHT_REQUESTS } from './server/connection.js';
-export { NbdClientDriver, DEFAULT_CLIENT_MAX_INFLIGHT, DEFAULT_CONNECT_TIMEOUT_MS, type NbdClientOptions } from './client/driver.js';
+export { NbdClientDriver, DEFAULT_CLIENT_MAX_INFLIGHT, DEFAULT_CONNECT_TIMEOUT_MS, type NbdClientOptions, type NbdContextExtent } from './client/driver.js';
 export { type BlockSizes } from './client/handshake.js';
 export { isLoopbackHost, nbdUri, parsePort, type NbdAddress, type NbdBoundAddress } from './address.js';
 export { nbdErrorFor, errorFromNbd, NBD_ERRNO_NAMES } from './errors.js';

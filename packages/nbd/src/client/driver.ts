@@ -16,6 +16,7 @@ import {
   NBD_CMD_WRITE,
   NBD_CMD_WRITE_ZEROES,
   NBD_ESHUTDOWN,
+  NBD_FLAG_CAN_MULTI_CONN,
   NBD_FLAG_READ_ONLY,
   NBD_FLAG_SEND_FAST_ZERO,
   NBD_FLAG_SEND_FLUSH,
@@ -62,6 +63,15 @@ export interface NbdClientOptions {
   maxInflight?: number;
   /** Time for connecting and the handshake together. */
   connectTimeoutMs?: number;
+  /** Meta contexts to negotiate besides base:allocation (e.g. `qemu:dirty-bitmap:NAME`). */
+  metaContexts?: readonly string[];
+}
+
+/** One extent of a meta context as the server reported it (flags are the context's own). */
+export interface NbdContextExtent {
+  offset: number;
+  bytes: number;
+  flags: number;
 }
 
 interface Pending {
@@ -73,6 +83,8 @@ interface Pending {
   target?: Uint8Array;
   coverage?: Coverage;
   extents?: BlockStatusExtent[];
+  /** Raw extents per context ID of a BLOCK_STATUS request. */
+  byContext?: Map<number, NbdContextExtent[]>;
   error?: ShearError;
   resolve(): void;
   reject(err: Error): void;
@@ -118,6 +130,7 @@ export class NbdClientDriver implements BlockIO {
   readonly structured: boolean;
   readonly blockSizes: BlockSizes;
   readonly #allocationContextId: number | undefined;
+  readonly #contexts: Map<string, number>;
   readonly #socket: Socket;
   readonly #decoder: ReplyDecoder;
   readonly #maxInflight: number;
@@ -142,6 +155,7 @@ export class NbdClientDriver implements BlockIO {
     this.structured = n.structured;
     this.blockSizes = n.blockSizes;
     this.#allocationContextId = n.allocationContextId;
+    this.#contexts = n.contexts;
     this.#maxInflight = opts.maxInflight ?? DEFAULT_CLIENT_MAX_INFLIGHT;
     this.#maxPayload = Math.max(n.blockSizes.minimum, alignDown(Math.min(n.blockSizes.maximum, MAX_PAYLOAD_BYTES), n.blockSizes.minimum));
     this.#decoder = new ReplyDecoder({
@@ -183,7 +197,7 @@ export class NbdClientDriver implements BlockIO {
         socket.once('error', reject);
         socket.once('close', () => reject(new Error('closed before connecting')));
       }).finally(() => socket.removeAllListeners('connect'));
-      const n = await negotiate(reader, (b) => socket.write(b), opts.exportName);
+      const n = await negotiate(reader, (b) => socket.write(b), opts.exportName, opts.metaContexts ?? []);
       const leftover = reader.release();
       return new NbdClientDriver(socket, opts, n, leftover);
     } catch (err) {
@@ -199,6 +213,42 @@ export class NbdClientDriver implements BlockIO {
 
   get readOnly(): boolean {
     return (this.transmissionFlags & NBD_FLAG_READ_ONLY) !== 0;
+  }
+
+  /** Whether the server allows several connections to one export (NBD_FLAG_CAN_MULTI_CONN). */
+  get canMultiConn(): boolean {
+    return (this.transmissionFlags & NBD_FLAG_CAN_MULTI_CONN) !== 0;
+  }
+
+  /** Whether the server selected the meta context `name` during the handshake. */
+  hasContext(name: string): boolean {
+    return this.#contexts.has(name);
+  }
+
+  /**
+   * The extents of meta context `name` over (offset, bytes), as the server reports them, clipped
+   * to the range; they may stop short of its end (ask again from there).
+   * @throws ERR_INVALID_ARGUMENT when the context was not negotiated
+   */
+  contextStatus(name: string, offset: number, bytes: number): Promise<NbdContextExtent[]> {
+    return this.#op('query block status of', async () => {
+      const id = this.#contexts.get(name);
+      if (id === undefined) throw new ShearError('ERR_INVALID_ARGUMENT', `Cannot query meta context "${name}" of NBD export "${this.exportName}": it was not negotiated`);
+      this.#checkRange(offset, bytes);
+      if (bytes === 0) return [];
+      const min = this.blockSizes.minimum;
+      const start = alignDown(offset, min);
+      const end = Math.min(alignUp(offset + bytes, min), this.length, start + alignDown(MAX_STATUS_BYTES, min));
+      const p = await this.#request(NBD_CMD_BLOCK_STATUS, 0, start, end - start, 'query block status of');
+      const out: NbdContextExtent[] = [];
+      for (const e of p.byContext?.get(id) ?? []) {
+        const from = Math.max(e.offset, offset);
+        const to = Math.min(e.offset + e.bytes, offset + bytes);
+        if (to > from) out.push({ offset: from, bytes: to - from, flags: e.flags });
+      }
+      if (out.length === 0) throw protocolError(`Cannot query meta context "${name}" of (${offset}, ${bytes}) over NBD: the server's extents do not cover the start of the range`);
+      return out;
+    });
   }
 
   /** Whether block status comes from the server (base:allocation was negotiated). */
@@ -417,7 +467,10 @@ export class NbdClientDriver implements BlockIO {
       const p: Pending = { cookie, type, op, offset, length, resolve: () => resolve(p), reject };
       if (target) p.target = target;
       if (type === NBD_CMD_READ) p.coverage = new Coverage();
-      if (type === NBD_CMD_BLOCK_STATUS) p.extents = [];
+      if (type === NBD_CMD_BLOCK_STATUS) {
+        p.extents = [];
+        p.byContext = new Map();
+      }
       this.#inflight.set(cookie, p);
       const header = encodeRequest({ flags, type, cookie, offset: BigInt(offset), length });
       const s = this.#socket;
@@ -477,14 +530,17 @@ export class NbdClientDriver implements BlockIO {
       case NBD_REPLY_TYPE_BLOCK_STATUS: {
         if (p.type !== NBD_CMD_BLOCK_STATUS) throw protocolError(`Cannot accept block status in the reply to a ${p.op} request`);
         const { contextId, extents } = parseBlockStatus(r.payload);
-        if (contextId !== this.#allocationContextId) throw protocolError(`Cannot accept block status for context ${contextId}: it was not negotiated`);
-        if (p.extents!.length > 0) throw protocolError('Cannot accept two block status chunks for one context');
+        if (![...this.#contexts.values()].includes(contextId)) throw protocolError(`Cannot accept block status for context ${contextId}: it was not negotiated`);
+        if (p.byContext!.has(contextId)) throw protocolError('Cannot accept two block status chunks for one context');
+        const raw: NbdContextExtent[] = [];
+        p.byContext!.set(contextId, raw);
         let at = p.offset;
         for (const e of extents) {
           // Only the last extent may run past the request, and never past the export.
           const bytes = Math.min(e.length, this.length - at);
           if (bytes <= 0) break;
-          p.extents!.push({ offset: at, bytes, data: (e.flags & NBD_STATE_HOLE) === 0, zero: (e.flags & NBD_STATE_ZERO) !== 0, allocated: true });
+          raw.push({ offset: at, bytes, flags: e.flags });
+          if (contextId === this.#allocationContextId) p.extents!.push({ offset: at, bytes, data: (e.flags & NBD_STATE_HOLE) === 0, zero: (e.flags & NBD_STATE_ZERO) !== 0, allocated: true });
           at += bytes;
         }
         break;
@@ -527,7 +583,7 @@ export class NbdClientDriver implements BlockIO {
     if (p.error) p.reject(p.error);
     else if (p.type === NBD_CMD_READ && p.coverage!.bytes !== p.length) {
       p.reject(protocolError(`Cannot read (${p.offset}, ${p.length}) over NBD: the server's reply covered ${p.coverage!.bytes} bytes`));
-    } else if (p.type === NBD_CMD_BLOCK_STATUS && p.extents!.length === 0) {
+    } else if (p.type === NBD_CMD_BLOCK_STATUS && p.byContext!.size === 0) {
       p.reject(protocolError(`Cannot query block status of (${p.offset}, ${p.length}) over NBD: the server sent no extents`));
     } else p.resolve();
     this.#wakeSlots();

@@ -57,6 +57,8 @@ export interface Negotiated {
   structured: boolean;
   /** The ID of base:allocation, when the server selected it. */
   allocationContextId: number | undefined;
+  /** Every meta context the server selected, by name (base:allocation included). */
+  contexts: Map<string, number>;
   blockSizes: BlockSizes;
 }
 
@@ -77,7 +79,7 @@ const REPLY_NAMES: Readonly<Record<number, string>> = {
  * NBD_OPT_GO with block sizes, falling back to NBD_OPT_EXPORT_NAME for servers without GO.
  * @throws ERR_NBD_EXPORT_NOT_FOUND, ERR_PERMISSION_DENIED (TLS or policy), ERR_NBD_PROTOCOL, ERR_NBD_DISCONNECTED
  */
-export async function negotiate(reader: SocketReader, send: (b: Buffer) => void, exportName: string): Promise<Negotiated> {
+export async function negotiate(reader: SocketReader, send: (b: Buffer) => void, exportName: string, extraContexts: readonly string[] = []): Promise<Negotiated> {
   const serverFlags = parseGreeting(await reader.read(GREETING_BYTES));
   if ((serverFlags & NBD_FLAG_FIXED_NEWSTYLE) === 0) throw protocolError('Cannot negotiate with the NBD server: it does not speak fixed newstyle');
   const noZeroes = (serverFlags & NBD_FLAG_NO_ZEROES) !== 0;
@@ -94,21 +96,23 @@ export async function negotiate(reader: SocketReader, send: (b: Buffer) => void,
   const sr = await reply(NBD_OPT_STRUCTURED_REPLY);
   const structured = sr.type === NBD_REP_ACK;
 
-  let allocationContextId: number | undefined;
+  const contexts = new Map<string, number>();
   if (structured) {
-    send(encodeOption(NBD_OPT_SET_META_CONTEXT, encodeMetaContextRequest({ name: exportName, queries: [BASE_ALLOCATION] })));
+    const queries = [BASE_ALLOCATION, ...extraContexts.filter((c) => c !== BASE_ALLOCATION)];
+    send(encodeOption(NBD_OPT_SET_META_CONTEXT, encodeMetaContextRequest({ name: exportName, queries })));
     for (;;) {
       const r = await reply(NBD_OPT_SET_META_CONTEXT);
       if (r.type === NBD_REP_META_CONTEXT) {
         const ctx = parseMetaContextReply(r.data);
-        if (ctx.name === BASE_ALLOCATION) allocationContextId = ctx.id;
+        if (queries.includes(ctx.name)) contexts.set(ctx.name, ctx.id);
         continue;
       }
       // Errors here (an unknown export included) are told by GO below; without a context we report all data.
-      if (r.type !== NBD_REP_ACK) allocationContextId = undefined;
+      if (r.type !== NBD_REP_ACK) contexts.clear();
       break;
     }
   }
+  const allocationContextId = contexts.get(BASE_ALLOCATION);
 
   send(encodeOption(NBD_OPT_GO, encodeExportRequest({ name: exportName, infos: [NBD_INFO_BLOCK_SIZE] })));
   let size: bigint | undefined;
@@ -140,7 +144,7 @@ export async function negotiate(reader: SocketReader, send: (b: Buffer) => void,
   }
   if (size === undefined) throw protocolError(`Cannot open NBD export "${exportName}": the server sent no export size`);
   if (size > BigInt(Number.MAX_SAFE_INTEGER)) throw protocolError(`Cannot open NBD export "${exportName}": its size ${size} is over 2^53`);
-  return { size: Number(size), transmissionFlags, structured, allocationContextId, blockSizes };
+  return { size: Number(size), transmissionFlags, structured, allocationContextId, contexts, blockSizes };
 }
 
 function refusal(exportName: string, r: OptionReply): ShearError {

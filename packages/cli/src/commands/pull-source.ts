@@ -1,0 +1,130 @@
+import { ShearError } from '@shear/base';
+import { NbdClientDriver, parsePort, protocol, type NbdAddress } from '@shear/nbd';
+
+/** Where `shear pull` reads: an export at an NBD address. */
+export interface PullUrl {
+  address: NbdAddress;
+  exportName: string;
+}
+
+const BAD_URL = 'expected nbd+unix:///EXPORT?socket=PATH or nbd://HOST[:PORT]/EXPORT';
+
+/** Parses the two URI forms of the NBD URI spec that pull accepts (no TLS). */
+export function parsePullUrl(url: string): PullUrl {
+  let u: URL;
+  try {
+    u = new URL(url);
+  } catch {
+    throw new ShearError('ERR_INVALID_ARGUMENT', `Invalid --source "${url}": ${BAD_URL}`);
+  }
+  const exportName = decodeURIComponent(u.pathname.replace(/^\//, ''));
+  if (u.protocol === 'nbd+unix:') {
+    const socket = u.searchParams.get('socket');
+    if (u.host !== '' || !socket) throw new ShearError('ERR_INVALID_ARGUMENT', `Invalid --source "${url}": ${BAD_URL}`);
+    return { address: { type: 'unix', path: socket }, exportName };
+  }
+  if (u.protocol === 'nbd:') {
+    if (!u.hostname) throw new ShearError('ERR_INVALID_ARGUMENT', `Invalid --source "${url}": ${BAD_URL}`);
+    const host = u.hostname.startsWith('[') ? u.hostname.slice(1, -1) : u.hostname;
+    return { address: { type: 'inet', host, port: parsePort(u.port === '' ? 10809 : u.port) }, exportName };
+  }
+  throw new ShearError('ERR_INVALID_ARGUMENT', `Invalid --source "${url}": scheme "${u.protocol}" is not supported; ${BAD_URL}`);
+}
+
+export const dirtyBitmapContext = (name: string): string => `qemu:dirty-bitmap:${name}`;
+
+/** One extent of a pull plan: what the copy does with a byte range. */
+export interface PlannedExtent {
+  offset: number;
+  bytes: number;
+  /** copy: read and write; zero: write zeroes (an incremental's dirty range that reads as zero). */
+  action: 'copy' | 'zero';
+}
+
+/**
+ * The connections of one pull, all to the same export: one when the server does not advertise
+ * multi-conn, else up to `want`. Owns them; close() closes all.
+ */
+export class PullSource {
+  private constructor(
+    readonly url: PullUrl,
+    readonly connections: NbdClientDriver[],
+  ) {}
+
+  static async open(url: PullUrl, want: number, bitmap: string | undefined, signal: AbortSignal): Promise<PullSource> {
+    const metaContexts = bitmap ? [dirtyBitmapContext(bitmap)] : [];
+    const connect = (): Promise<NbdClientDriver> => NbdClientDriver.connect({ address: url.address, exportName: url.exportName, metaContexts, maxInflight: 16 });
+    const first = await connect();
+    const conns = [first];
+    try {
+      if (bitmap && !first.hasContext(dirtyBitmapContext(bitmap))) {
+        throw new ShearError('ERR_BITMAP_NOT_FOUND', `Cannot pull an incremental from NBD export "${url.exportName}": it does not offer dirty bitmap "${bitmap}" (export it with the bitmap, e.g. block-export-add ... bitmaps=["${bitmap}"], or libvirt's <incremental>)`, { bitmap });
+      }
+      if (first.canMultiConn) {
+        while (conns.length < want) {
+          signal.throwIfAborted();
+          conns.push(await connect());
+        }
+      }
+      return new PullSource(url, conns);
+    } catch (err) {
+      await Promise.allSettled(conns.map((c) => c.close()));
+      throw err;
+    }
+  }
+
+  get length(): number {
+    return this.connections[0]!.length;
+  }
+
+  get canTrim(): boolean {
+    const c = this.connections[0]!;
+    return !c.readOnly && (c.transmissionFlags & protocol.NBD_FLAG_SEND_TRIM) !== 0;
+  }
+
+  /**
+   * The plan of a full pull (bitmap undefined): every range base:allocation reports as data; or
+   * of an incremental: every dirty range, as copy where it holds data and zero where it reads as
+   * zeroes (the backing file below may hold data there).
+   */
+  async plan(bitmap: string | undefined, signal: AbortSignal): Promise<PlannedExtent[]> {
+    const c = this.connections[0]!;
+    const out: PlannedExtent[] = [];
+    const push = (offset: number, bytes: number, action: PlannedExtent['action']): void => {
+      const last = out[out.length - 1];
+      if (last && last.action === action && last.offset + last.bytes === offset) last.bytes += bytes;
+      else out.push({ offset, bytes, action });
+    };
+    const allocation = async (offset: number, end: number, onZero: 'skip' | 'zero'): Promise<void> => {
+      for (let at = offset; at < end; ) {
+        signal.throwIfAborted();
+        const ext = await c.blockStatus(at, Math.min(end - at, 0x40000000));
+        for (const e of ext) {
+          const to = Math.min(e.offset + e.bytes, end);
+          if (!e.zero) push(e.offset, to - e.offset, 'copy');
+          else if (onZero === 'zero') push(e.offset, to - e.offset, 'zero');
+          at = to;
+        }
+      }
+    };
+    if (!bitmap) {
+      await allocation(0, c.length, 'skip');
+      return out;
+    }
+    const ctx = dirtyBitmapContext(bitmap);
+    for (let at = 0; at < c.length; ) {
+      signal.throwIfAborted();
+      const ext = await c.contextStatus(ctx, at, Math.min(c.length - at, 0x40000000));
+      for (const e of ext) {
+        // qemu:dirty-bitmap: flag bit 0 set = dirty.
+        if ((e.flags & 1) !== 0) await allocation(e.offset, e.offset + e.bytes, 'zero');
+        at = e.offset + e.bytes;
+      }
+    }
+    return out;
+  }
+
+  close(): Promise<void> {
+    return Promise.allSettled(this.connections.map((c) => c.close())).then(() => {});
+  }
+}
