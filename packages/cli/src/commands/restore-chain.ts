@@ -9,12 +9,11 @@ import path from 'node:path';
 import { ShearError } from '@shear/base';
 import { peekQcow2Backing } from '@shear/blockdev';
 import { manifestPathFor, readManifest, type BackupManifest } from '../backup-manifest.js';
+import { statePathFor } from './pull-state.js';
 
 const QCOW2_MAGIC = 0x514649fb;
 /** The header cluster of any qcow2 image Shear or QEMU writes fits in this (the name is < 1 KiB). */
 const HEAD_BYTES = 65536;
-/** Beside an image while its pull is unfinished (the pull side's state file). */
-export const PULL_STATE_SUFFIX = '.shear-pull-state';
 
 export interface ChainLink {
   /** The file, as opened (resolved against the referencing image's directory). */
@@ -105,11 +104,11 @@ export async function loadManifests(chain: Chain): Promise<void> {
     const file = manifestPathFor(link.path);
     if (!(await exists(file))) {
       const tmp = await exists(file + '.tmp');
-      const state = await exists(link.path + PULL_STATE_SUFFIX);
+      const state = await exists(statePathFor(link.path));
       if (tmp || state) {
         throw new ShearError(
           'ERR_CHAIN_UNFINISHED',
-          `Cannot use backup "${link.path}": it is unfinished (${tmp ? `"${file}.tmp" is there but not "${file}": its finalise was interrupted` : `the pull state file "${link.path}${PULL_STATE_SUFFIX}" is there: finish it with shear pull --resume`})`,
+          `Cannot use backup "${link.path}": it is unfinished (${tmp ? `"${file}.tmp" is there but not "${file}": its finalise was interrupted` : `the pull state file "${statePathFor(link.path)}" is there: finish it with shear pull --resume`})`,
           { path: link.path },
         );
       }
