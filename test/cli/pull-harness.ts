@@ -30,13 +30,14 @@ export async function startQsd(sockDir: string): Promise<{ cmd: (name: string, a
   };
 }
 
-/** Writes `clusters` (64 KiB each) of byte `fill` through an NBD URI, as a guest would. */
-export async function guestWrite(uri: string, clusters: number[], fill: number): Promise<void> {
+/** Writes `clusters` (64 KiB each) of byte `fill` through an NBD URI, as a guest would; fill 'zero' sends WRITE_ZEROES. */
+export async function guestWrite(uri: string, clusters: number[], fill: number | 'zero'): Promise<void> {
   const script = `
 import nbd, sys, json
 h = nbd.NBD(); h.connect_uri(sys.argv[1])
 for c in json.loads(sys.argv[2]):
-    h.pwrite(bytes([int(sys.argv[3])]) * 65536, c * 65536)
+    if sys.argv[3] == 'zero': h.zero(65536, c * 65536)
+    else: h.pwrite(bytes([int(sys.argv[3])]) * 65536, c * 65536)
 h.flush(); h.shutdown()
 `;
   await run(PYTHON, ['-c', script, uri, JSON.stringify(clusters), String(fill)]);
@@ -48,8 +49,9 @@ export async function startNbdkit(sock: string, args: string[]): Promise<{ proc:
   let stderr = '';
   proc.stderr!.on('data', (d) => (stderr += d));
   const exited = new Promise<void>((resolve) => proc.once('exit', () => resolve()));
-  while (!existsSync(sock) && proc.exitCode === null) await new Promise((r) => setTimeout(r, 20));
-  if (!existsSync(sock)) throw new Error(`nbdkit did not start: ${stderr}`);
+  // The socket file appears at bind(), before listen(): wait until a connection is accepted.
+  while ((!existsSync(sock) || !(await accepts(sock))) && proc.exitCode === null) await new Promise((r) => setTimeout(r, 20));
+  if (proc.exitCode !== null) throw new Error(`nbdkit did not start: ${stderr}`);
   return {
     proc,
     status: () => (proc.exitCode === null && proc.signalCode === null ? 'running' : `exited (${proc.exitCode ?? proc.signalCode}): ${stderr}`),
@@ -97,4 +99,18 @@ export async function startCuttingProxy(listen: string, upstream: string, cutAft
         server.close(() => resolve());
       }),
   };
+}
+
+function accepts(sock: string): Promise<boolean> {
+  return new Promise((resolve) => {
+    const s = connect(sock);
+    s.once('connect', () => {
+      s.destroy();
+      resolve(true);
+    });
+    s.once('error', () => {
+      s.destroy();
+      resolve(false);
+    });
+  });
 }

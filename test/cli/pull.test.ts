@@ -89,8 +89,10 @@ t.test('full then incremental pull from qemu-storage-daemon fleecing exports whi
   t.notOk(existsSync(full + '.shear-pull-state'), 'no state file after success');
   await unfleece();
 
-  // Between backups the guest changes clusters 2, 3 (and 1, 4, 9 and 100 already during the full).
+  // Between backups the guest changes clusters 2, 3 (and 1, 4, 9 and 100 already during the
+  // full) and zeroes cluster 6, which holds data in the full backup: the overlay must zero it.
   await guestWrite(live, [2, 3], 0xbb);
+  await guestWrite(live, [6], 'zero');
   await fleece(2, [{ type: 'block-dirty-bitmap-add', data: { node: 'disk0', name: 'b1' } }, { type: 'block-dirty-bitmap-disable', data: { node: 'disk0', name: 'b0' } }], [{ node: 'disk0', name: 'b0' }]);
   const expected2 = readFileSync(disk);
 
@@ -107,7 +109,8 @@ t.test('full then incremental pull from qemu-storage-daemon fleecing exports whi
   const [r2] = await Promise.all([shear(['pull', '--source', url, '--target', inc, '--bitmap', 'b0', '--backing', full, '--json']), guestWrite(live, [2, 7], 0xcc)]);
   t.equal(r2.code, 0, r2.stderr);
   const s2 = JSON.parse(r2.stdout) as Record<string, number | string>;
-  t.match(s2, { kind: 'incremental', copiedBytes: 6 * C }, 'clusters 1, 2, 3, 4, 9 and 100 were dirty');
+  t.match(s2, { kind: 'incremental', copiedBytes: 6 * C }, 'clusters 1, 2, 3, 4, 9 and 100 were copied (6, dirty, was zeroed)');
+  t.ok(expected2.subarray(6 * C, 7 * C).every((b) => b === 0) && expected1.subarray(6 * C, 7 * C).some((b) => b !== 0), 'cluster 6 went from data to zeroes');
   t.match(qemuImg('compare', '-f', 'raw', writeTmp(dir, 'expected2.raw', expected2), inc), /identical/);
   const info = JSON.parse(qemuImg('info', '--output=json', '--backing-chain', inc)) as { filename: string; 'backing-filename'?: string }[];
   t.equal(info.length, 2);

@@ -1,5 +1,6 @@
 import { ShearError } from '@shear/base';
 import { NbdClientDriver, parsePort, protocol, type NbdAddress } from '@shear/nbd';
+import { CHUNK_BYTES } from '../backup-manifest.js';
 
 /** Where `shear pull` reads: an export at an NBD address. */
 export interface PullUrl {
@@ -39,6 +40,22 @@ export interface PlannedExtent {
   bytes: number;
   /** copy: read and write; zero: write zeroes (an incremental's dirty range that reads as zero). */
   action: 'copy' | 'zero';
+}
+
+/** Splits planned extents at chunk boundaries: the pieces of each chunk that has work. */
+export function piecesByChunk(plan: PlannedExtent[]): Map<number, PlannedExtent[]> {
+  const m = new Map<number, PlannedExtent[]>();
+  for (const e of plan) {
+    for (let at = e.offset; at < e.offset + e.bytes; ) {
+      const i = Math.floor(at / CHUNK_BYTES);
+      const to = Math.min(e.offset + e.bytes, (i + 1) * CHUNK_BYTES);
+      let list = m.get(i);
+      if (!list) m.set(i, (list = []));
+      list.push({ offset: at, bytes: to - at, action: e.action });
+      at = to;
+    }
+  }
+  return m;
 }
 
 /**
