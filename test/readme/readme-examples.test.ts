@@ -20,7 +20,7 @@
  *   - Indented `   ... text ...` lines are narration.
  * A session that ends with the daemon running sends it `quit`; the daemon must exit 0.
  *
- * It also checks that the option lists of `shear help`, `shear help backup|daemon|jobs` and the
+ * It also checks that the option lists of `shear help`, `shear help backup|daemon|jobs|restore|verify` and the
  * README's lists under "The command line" name the same options with the same argument (so a
  * new option needs a README line; its description is free), and that `npx shear --help` runs
  * from the repository root.
@@ -206,7 +206,7 @@ function sameOptions(t: Test, what: string, fromHelp: Map<string, string>, fromR
 }
 
 t.test("the README's option lists are shear help's", async (t) => {
-  for (const command of ['backup', 'pull', 'daemon', 'jobs']) {
+  for (const command of ['backup', 'pull', 'daemon', 'jobs', 'restore', 'verify']) {
     const list = blockAfter(new RegExp(`^### \`shear ${command}\``));
     t.ok(list, `the README has a list under "### \`shear ${command}\`"`);
     sameOptions(t, `shear ${command}`, options(await help(command), /^ {2}/), options(list, /^/));

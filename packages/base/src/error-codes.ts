@@ -79,6 +79,11 @@ export const ERROR_CODES = {
   ERR_MANIFEST_INVALID: 'corrupt',
   ERR_BACKING_MISMATCH: 'invalid-argument',
   ERR_PULL_STATE_MISMATCH: 'invalid-argument',
+
+  ERR_CHAIN_LINK_MISSING: 'not-found',
+  ERR_CHAIN_BROKEN: 'corrupt',
+  ERR_CHAIN_UNFINISHED: 'corrupt',
+  ERR_VERIFY_MISMATCH: 'corrupt',
 } as const;
 
 export type ErrorCode = keyof typeof ERROR_CODES;

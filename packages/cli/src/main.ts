@@ -5,6 +5,8 @@ import { runPull, PULL_USAGE } from './commands/pull.js';
 import { runDemo } from './commands/demo.js';
 import { runDaemon, DAEMON_USAGE } from './commands/daemon.js';
 import { runJobs, JOBS_USAGE } from './commands/jobs.js';
+import { runRestore, RESTORE_USAGE } from './commands/restore.js';
+import { runVerify, VERIFY_USAGE } from './commands/verify.js';
 import { EXIT, exitCodeFor } from './exit-codes.js';
 import { createLogger } from './logger.js';
 import { Interruption } from './interrupt.js';
@@ -18,6 +20,8 @@ commands:
   daemon      run the daemon: block nodes and backup jobs behind a QMP socket
   demo        make a demo disk, back it up, verify it, and walk through dirty bitmaps
   jobs        show (or --watch) a daemon's jobs: progress, fleecing cache state, events
+  restore     turn a point of a backup chain into a disk image, or write it into an NBD export
+  verify      recompute a backup chain's manifest digests and name every MiB that differs
   help        this text; \`shear help backup\` for a command's options
   --version   print the version
 
@@ -78,11 +82,15 @@ async function runCommand(command: string | undefined, rest: string[], log: Retu
         return await runDemo(rest, log.child({ component: 'demo' }), intr.signal);
       case 'jobs':
         return await runJobs(rest, intr.signal);
+      case 'restore':
+        return await runRestore(rest, log.child({ component: 'restore' }), intr.signal, intr);
+      case 'verify':
+        return await runVerify(rest, log.child({ component: 'verify' }), intr.signal);
       case undefined:
       case 'help':
       case '--help':
       case '-h':
-        process.stdout.write(({ backup: BACKUP_USAGE, pull: PULL_USAGE, daemon: DAEMON_USAGE, jobs: JOBS_USAGE }[rest[0] ?? ''] ?? USAGE) + '\n');
+        process.stdout.write(({ backup: BACKUP_USAGE, pull: PULL_USAGE, daemon: DAEMON_USAGE, jobs: JOBS_USAGE, restore: RESTORE_USAGE, verify: VERIFY_USAGE }[rest[0] ?? ''] ?? USAGE) + '\n');
         return EXIT.OK;
       default:
         process.stderr.write(`shear: unknown command "${command}"\n\n${USAGE}\n`);

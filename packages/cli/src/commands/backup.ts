@@ -179,7 +179,7 @@ export function parseBackupArgs(argv: string[]): BackupArgs {
   };
 }
 
-async function probeFormat(file: string): Promise<'raw' | 'qcow2'> {
+export async function probeFormat(file: string): Promise<'raw' | 'qcow2'> {
   const fh = await openFile(file, 'r');
   try {
     const head = Buffer.alloc(4);
@@ -191,14 +191,14 @@ async function probeFormat(file: string): Promise<'raw' | 'qcow2'> {
 }
 
 /** Opens an image read-only as a node: raw images as a plain file node (mappable by workers). */
-async function openImage(graph: BlockGraph, file: string, format: 'raw' | 'qcow2', readOnly: boolean, signal: AbortSignal): Promise<BlockNode> {
+export async function openImage(graph: BlockGraph, file: string, format: 'raw' | 'qcow2', readOnly: boolean, signal: AbortSignal): Promise<BlockNode> {
   signal.throwIfAborted();
   const fileNode = { driver: 'file', filename: file, 'read-only': readOnly };
   return addBlockdev(graph, format === 'raw' ? fileNode : { driver: 'qcow2', 'read-only': readOnly, file: fileNode });
 }
 
 /** The bytes the source file holds (its allocated blocks): about what a copy writes. */
-async function dataBytes(file: string, size: number): Promise<number> {
+export async function dataBytes(file: string, size: number): Promise<number> {
   const st = await stat(file).catch(() => undefined);
   return st ? Math.min(size, st.blocks * 512) : size;
 }
@@ -380,13 +380,13 @@ export async function runBackup(argv: string[], log: Logger, signal: AbortSignal
 }
 
 /** Removes `node` and the children created with it (its file, its backing chain). */
-async function removeTree(graph: BlockGraph, node: BlockNode): Promise<void> {
+export async function removeTree(graph: BlockGraph, node: BlockNode): Promise<void> {
   const children = node.childEdges.map((e) => e.child);
   await graph.removeNode(node.name);
   for (const c of children) if (c.parentEdges.size === 0) await removeTree(graph, c);
 }
 
-async function closeAll(graph: BlockGraph): Promise<void> {
+export async function closeAll(graph: BlockGraph): Promise<void> {
   // Parents first: a node can only go once nothing uses it.
   for (let left = graph.nodes(); left.length > 0; left = graph.nodes()) {
     const free = left.filter((n) => n.parentEdges.size === 0);
@@ -395,7 +395,7 @@ async function closeAll(graph: BlockGraph): Promise<void> {
   }
 }
 
-async function syncFile(p: string): Promise<void> {
+export async function syncFile(p: string): Promise<void> {
   const fh = await openFile(p, 'r');
   try {
     await fh.sync();
