@@ -5,3 +5,4 @@ export { throwIfAborted } from './abort.js';
 export { Transaction, inTransaction, type TransactionAction } from './transaction.js';
 export { ArgReader } from './args.js';
 export { crashPoint } from './crash-point.js';
+export { silentLogger, type Logger, type LogFields } from './logger.js';

@@ -1,6 +1,24 @@
 export type { BlockIO, BlockStatusExtent, WriteOptions, WriteZeroesOptions } from './io.js';
 export { isHostMappable, type HostExtent, type HostMappable, type WriteMapping } from './host-mapping.js';
 export {
+  hasHostFile,
+  isResizable,
+  hasHostMappingSource,
+  hasPersistentBitmapStore,
+  isSnapshotSource,
+  isPointInTimeView,
+  isBoundedCache,
+  type HostFile,
+  type Resizable,
+  type HostMappingSource,
+  type PersistentBitmapStore,
+  type StoredBitmapRecord,
+  type BitmapRecordToStore,
+  type SnapshotSource,
+  type PointInTimeView,
+  type BoundedCache,
+} from './capabilities.js';
+export {
   PERM_CONSISTENT_READ,
   PERM_WRITE,
   PERM_WRITE_UNCHANGED,

@@ -2,8 +2,7 @@ import { ShearError } from '@shear/base';
 import { NodeBitmaps } from '@shear/dirty-bitmap';
 import type { BlockIO, BlockStatusExtent, WriteOptions, WriteZeroesOptions } from './io.js';
 import { isHostMappable, type HostMappable, type WriteMapping } from './host-mapping.js';
-import { FileDriver } from './drivers/file.js';
-import { fileMapping } from './drivers/file-mapping.js';
+import { hasHostMappingSource, isResizable } from './capabilities.js';
 import { PERM_RESIZE, PERM_WRITE, PERM_WRITE_UNCHANGED, permNames, type ChildPermsFn } from './permissions.js';
 
 /** A parent that is not a node: an export, a job, the CLI. */
@@ -303,8 +302,7 @@ export class BlockNode implements BlockIO {
    */
   hostMapping(): HostMappable | undefined {
     const d = this.driver;
-    const own = (d as { hostMapping?: () => HostMappable | undefined }).hostMapping;
-    const m = typeof own === 'function' ? own.call(d) : isHostMappable(d) ? d : d instanceof FileDriver ? fileMapping(d) : undefined;
+    const m = hasHostMappingSource(d) ? d.hostMapping() : isHostMappable(d) ? d : undefined;
     if (!m) return undefined;
     const mapped: HostMappable = {};
     if (m.mapRead) mapped.mapRead = m.mapRead.bind(m);
@@ -330,8 +328,8 @@ export class BlockNode implements BlockIO {
    * @throws ERR_NOT_IMPLEMENTED when the driver cannot resize or the node has dirty bitmaps
    */
   async truncate(length: number): Promise<void> {
-    const d = this.driver as BlockIO & { truncate?: (length: number) => Promise<void> };
-    if (typeof d.truncate !== 'function') {
+    const d = this.driver;
+    if (!isResizable(d)) {
       throw new ShearError('ERR_NOT_IMPLEMENTED', `Cannot resize node "${this.name}": driver "${this.info.name}" cannot resize`, { node: this.name });
     }
     if (this.bitmaps.list().length > 0) {

@@ -11,6 +11,7 @@ import {
   PERM_RESIZE,
   filterChildPerms,
   formatChildPerms,
+  hasHostFile,
   type BlockIO,
   type ChildEdge,
   type ChildPermsFn,
@@ -225,7 +226,7 @@ async function openBackingFromHeader(graph: BlockGraph, file: BlockNode, ctx: Bl
   await file.read(0, head);
   const { backingFile, backingFormat } = peekQcow2Backing(head);
   if (backingFile === null) return null;
-  const imagePath = file.driver instanceof FileDriver ? file.driver.path : undefined;
+  const imagePath = hasHostFile(file.driver) ? file.driver.path : undefined;
   const resolved = path.isAbsolute(backingFile) || !imagePath ? backingFile : path.join(path.dirname(imagePath), backingFile);
   const format = backingFormat ?? (await probeFormat(resolved));
   const n = await add(graph, { driver: format, 'read-only': true, file: { driver: 'file', filename: resolved, 'read-only': true } }, ctx, created, 'backing');

@@ -1,8 +1,7 @@
 import { ShearError } from '@shear/base';
 import { SharedBitmap } from '@shear/bitmap';
-import { FileDriver, type BlockNode } from '@shear/block';
+import { hasHostFile, hasPersistentBitmapStore, type BlockNode } from '@shear/block';
 import { loadSidecar, markSidecarInUse, removeFromSidecar, storeSidecar, type DirtyBitmap } from '@shear/dirty-bitmap';
-import type { Qcow2Node } from './qcow2-node.js';
 
 /**
  * Where a node keeps its persistent dirty bitmaps: qcow2 images in their own bitmaps extension
@@ -13,7 +12,8 @@ import type { Qcow2Node } from './qcow2-node.js';
  * never trusted; on clean close, and on request, they are stored with the in-use flag clear.
  */
 export interface BitmapStorage {
-  readonly kind: 'qcow2' | 'sidecar';
+  /** The driver that keeps them in its own data ('qcow2'), or 'sidecar'. */
+  readonly kind: string;
   /** Stores every persistent bitmap of the node; `inUse` false = consistent on disk. */
   store(opts: { inUse: boolean }): Promise<void>;
   /** Deletes stored bitmaps (block-dirty-bitmap-remove of a persistent bitmap). */
@@ -47,23 +47,21 @@ function persistentOf(node: BlockNode): DirtyBitmap[] {
  */
 export async function attachBitmapStorage(node: BlockNode): Promise<void> {
   const driver = node.driver;
-  if ((driver as Partial<Qcow2Node>).image && node.info.name === 'qcow2') {
-    const image = (driver as Qcow2Node).image;
-    const stored = node.readOnly ? await image.loadBitmaps() : image.takenBitmaps;
-    for (const b of stored) {
-      node.bitmaps.addLoaded({ name: b.name, granularity: b.granularity, enabled: b.flags.auto, bits: b.bits, inconsistent: b.bits === null, readonly: node.readOnly });
+  if (hasPersistentBitmapStore(driver)) {
+    for (const b of await driver.storedBitmaps(node.readOnly)) {
+      node.bitmaps.addLoaded({ name: b.name, granularity: b.granularity, enabled: b.enabled, bits: b.bits, inconsistent: b.bits === null, readonly: node.readOnly });
     }
     if (node.readOnly) return;
     const storage: BitmapStorage = {
-      kind: 'qcow2',
-      store: (opts) => image.storeBitmaps(persistentOf(node).map((b) => ({ name: b.name!, granularity: b.granularity, bits: bitsToStore(b), enabled: b.recording || b.frozen })), opts),
-      remove: (names) => image.removeBitmaps(names),
+      kind: node.info.name,
+      store: (opts) => driver.storeBitmaps(persistentOf(node).map((b) => ({ name: b.name!, granularity: b.granularity, bits: bitsToStore(b), enabled: b.recording || b.frozen })), opts),
+      remove: (names) => driver.removeBitmaps(names),
     };
     storages.set(node, storage);
     node.addCloseHook(() => storage.store({ inUse: false }));
     return;
   }
-  if (driver instanceof FileDriver) {
+  if (hasHostFile(driver)) {
     const path = driver.path;
     const contents = await loadSidecar(path);
     for (const b of contents?.bitmaps ?? []) {

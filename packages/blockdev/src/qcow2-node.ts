@@ -1,8 +1,8 @@
-import type { BlockIO, HostMappable } from '@shear/block';
+import type { BlockIO, HostMappable, PersistentBitmapStore } from '@shear/block';
 import type { Qcow2Image } from '@shear/qcow2';
 
 /** A qcow2 image as a graph driver: its BlockIO, plus what the copy engine can use directly. */
-export interface Qcow2Node extends BlockIO, HostMappable {
+export interface Qcow2Node extends BlockIO, HostMappable, PersistentBitmapStore {
   readonly image: Qcow2Image;
   readonly clusterBytes: number;
   writeCompressed(offset: number, data: Uint8Array): Promise<void>;
@@ -33,6 +33,11 @@ export function qcow2Driver(image: Qcow2Image): Qcow2Node {
     close: () => image.close(),
     writeCompressed: (o, d) => image.writeCompressed(o, d),
     writeDeflated: (o, d) => image.writeDeflated(o, d),
+    // A writable image took its bitmaps when it opened (in use on disk from then on).
+    storedBitmaps: async (readOnly) =>
+      (readOnly ? await image.loadBitmaps() : image.takenBitmaps).map((b) => ({ name: b.name, granularity: b.granularity, enabled: b.flags.auto, bits: b.bits })),
+    storeBitmaps: (bitmaps, opts) => image.storeBitmaps(bitmaps, opts),
+    removeBitmaps: (names) => image.removeBitmaps(names),
   };
   // Resolved once the node is open: whether the image can map depends on its file (and backing).
   const m = image.hostMapping();

@@ -1,14 +1,15 @@
 import { writeSync } from 'node:fs';
 import { pino, type DestinationStream, type Logger as PinoLogger } from 'pino';
 
-export type Logger = PinoLogger;
+/** Commands take the one logger interface every package uses; the root behind it is pino. */
+export type { Logger } from '@shear/base';
 
 /**
  * The process's only root logger: pino records on stderr (stdout stays free for --json output),
  * one JSON object a line for programs, or human-readable lines when stderr is a terminal.
  * Everything else gets `log.child({ component, job, node, ... })`.
  */
-export function createLogger(level?: string, opts: { pretty?: boolean } = {}): Logger {
+export function createLogger(level?: string, opts: { pretty?: boolean } = {}): PinoLogger {
   level ??= process.env['SHEAR_LOG_LEVEL'] ?? 'warn';
   const pretty = opts.pretty ?? process.stderr.isTTY === true;
   return pino({ level, base: { pid: process.pid } }, pretty ? prettyStderr() : pino.destination({ fd: 2, sync: true }));

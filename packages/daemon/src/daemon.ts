@@ -1,9 +1,10 @@
+import type { Logger } from '@shear/base';
 import { BlockGraph } from '@shear/block';
 import { addBlockdev } from '@shear/blockdev';
 import { CopyWorkerPool } from '@shear/block-copy';
 import { JobManager } from '@shear/jobs';
 import { CommandRegistry, QmpServer } from '@shear/qmp';
-import { blockdevContext, type DaemonContext, type DaemonLogger } from './context.js';
+import { blockdevContext, type DaemonContext } from './context.js';
 import { registerBlockNodeCommands } from './commands/block-nodes.js';
 import { registerJobCommands } from './commands/job-commands.js';
 import { registerBitmapAndTransactionCommands } from './commands/transaction.js';
@@ -26,7 +27,7 @@ export interface DaemonOptions {
   exports?: Record<string, unknown>[];
   /** Let the NBD server listen on non-loopback addresses (off: refused). */
   nbdAllowRemote?: boolean;
-  log: DaemonLogger;
+  log: Logger;
 }
 
 /**
@@ -40,7 +41,7 @@ export class ShearDaemon {
   readonly jobs: JobManager;
   readonly pool: CopyWorkerPool | undefined;
   readonly qmp: QmpServer;
-  readonly log: DaemonLogger;
+  readonly log: Logger;
   readonly #ctx: DaemonContext;
   readonly nbd: NbdService;
   #shutdown: Promise<void> | undefined;
@@ -60,7 +61,8 @@ export class ShearDaemon {
       onQuit: () => this.shutdown('quit'),
     });
     this.jobs = new JobManager((event, data) => {
-      this.log.info({ evt: `job.${event}`, job: data['id'] ?? data['device'], ...data }, event);
+      const job = data['id'] ?? data['device'];
+      this.log.info({ evt: `job.${event}`, job: typeof job === 'string' ? job : undefined, ...data }, event);
       this.qmp.emit(event, data);
     });
     this.pool = opts.workers === 0 ? undefined : new CopyWorkerPool(opts.workers !== undefined ? { workers: opts.workers } : {});
@@ -107,7 +109,7 @@ export class ShearDaemon {
   /** Runs a registered command as if it came from QMP (start-up options). */
   async #run(name: string, args: Record<string, unknown>): Promise<void> {
     const cmd = this.qmp.registry.get(name)!;
-    await cmd.handler(args, { session: { id: 0, peer: 'command-line' }, id: undefined, signal: new AbortController().signal, log: this.log as never, afterReply: (fn) => fn() });
+    await cmd.handler(args, { session: { id: 0, peer: 'command-line' }, id: undefined, signal: new AbortController().signal, log: this.log, afterReply: (fn) => fn() });
   }
 
   shutdown(reason: string): Promise<void> {

@@ -7,17 +7,19 @@ import {
   PERM_WRITE,
   PERM_WRITE_UNCHANGED,
   filterChildPerms,
+  isBoundedCache,
   type BlockIO,
   type BlockStatusExtent,
   type ChildEdge,
   type ChildPermsFn,
   type DriverInfo,
+  type SnapshotSource,
   type WriteOptions,
   type WriteZeroesOptions,
 } from '@shear/block';
 import { BlockCopy, DEFAULT_CLUSTER_BYTES, type BlockCopyOptions, type CopyWorkerPool } from '@shear/block-copy';
 import { RequestTable, type InFlightRequest } from '@shear/reqlist';
-import { FleecingCache, type CacheEventSink } from './fleecing-cache.js';
+import type { CacheEventSink } from './fleecing-cache.js';
 import { ReadGate } from './read-gate.js';
 
 export type OnCbwError = 'break-guest-write' | 'break-snapshot';
@@ -78,7 +80,7 @@ export interface CopyBeforeWriteOptions {
  * snapshot reader may still read; discard clears them). The copy bitmap of `copy` holds what
  * is still to be preserved.
  */
-export class CopyBeforeWrite implements BlockIO {
+export class CopyBeforeWrite implements BlockIO, SnapshotSource {
   readonly copy: BlockCopy;
   readonly done: SharedBitmap;
   readonly access: SharedBitmap;
@@ -131,7 +133,7 @@ export class CopyBeforeWrite implements BlockIO {
     // A fleecing cache that is full makes a preserving write wait for a drain to free space,
     // for as long as the guest write may wait for its copy.
     const cache = opts.target.child.isOpen ? opts.target.child.driver : undefined;
-    if (cache instanceof FleecingCache) cache.spaceWaitMs = this.cbwTimeoutSec * 1000;
+    if (isBoundedCache(cache)) cache.spaceWaitMs = this.cbwTimeoutSec * 1000;
   }
 
   get length(): number {

@@ -1,5 +1,5 @@
 import { ShearError, assertRange } from '@shear/base';
-import { filterChildPerms, type BlockIO, type BlockStatusExtent, type ChildEdge, type DriverInfo, type WriteOptions } from '@shear/block';
+import { filterChildPerms, type BlockIO, type BoundedCache, type BlockStatusExtent, type ChildEdge, type DriverInfo, type WriteOptions } from '@shear/block';
 
 export const FLEECING_CACHE_INFO: DriverInfo = { name: 'fleecing-cache', childPerms: filterChildPerms };
 export const CACHE_CHUNK_BYTES = 64 * 1024;
@@ -56,7 +56,7 @@ export interface FleecingCacheStats {
  * Never a silent loss. With no wait set a full cache fails at once: an unbounded wait could
  * stall the guest for good when nothing drains the cache.
  */
-export class FleecingCache implements BlockIO {
+export class FleecingCache implements BlockIO, BoundedCache {
   readonly length: number;
   readonly ramLimit: number;
   readonly fileLimit: number;

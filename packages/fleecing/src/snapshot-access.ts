@@ -1,6 +1,5 @@
 import { ShearError } from '@shear/base';
-import { PERM_ALL, PERM_CONSISTENT_READ, type BlockIO, type BlockStatusExtent, type ChildEdge, type DriverInfo } from '@shear/block';
-import { CopyBeforeWrite } from './copy-before-write.js';
+import { PERM_ALL, PERM_CONSISTENT_READ, isSnapshotSource, type BlockIO, type BlockNode, type BlockStatusExtent, type ChildEdge, type DriverInfo, type PointInTimeView, type SnapshotSource } from '@shear/block';
 
 /**
  * Whatever its parents do (a fleecing export takes write to send discards), the view only
@@ -13,20 +12,24 @@ export const SNAPSHOT_ACCESS_INFO: DriverInfo = { name: 'snapshot-access', child
  * a node that exports can serve. Reads see the disk as it was when the filter started; writes
  * are refused (EPERM); discard tells the filter the reader has those clusters (fleecing TRIM).
  */
-export class SnapshotAccess implements BlockIO {
-  readonly #cbw: CopyBeforeWrite;
+export class SnapshotAccess implements BlockIO, PointInTimeView {
+  readonly #cbw: SnapshotSource;
 
-  /** @throws ERR_INVALID_ARGUMENT unless `file` is a copy-before-write node */
+  /** @throws ERR_INVALID_ARGUMENT unless `file` is a copy-before-write node (a SnapshotSource) */
   constructor(file: ChildEdge) {
     const driver = file.child.isOpen ? file.child.driver : undefined;
-    if (!(driver instanceof CopyBeforeWrite)) {
+    if (!isSnapshotSource(driver)) {
       throw new ShearError('ERR_INVALID_ARGUMENT', `Cannot open snapshot-access on node "${file.child.name}": it is not a copy-before-write filter`, { node: file.child.name });
     }
     this.#cbw = driver;
   }
 
-  get filter(): CopyBeforeWrite {
+  get filter(): SnapshotSource {
     return this.#cbw;
+  }
+
+  preservedDataNode(): BlockNode {
+    return this.#cbw.targetEdge.child;
   }
 
   get length(): number {

@@ -1,8 +1,8 @@
 import { ShearError, inTransaction } from '@shear/base';
-import { PERM_ALL, PERM_CONSISTENT_READ, PERM_WRITE, type BlockGraph, type BlockNode, type ChildEdge } from '@shear/block';
+import { PERM_ALL, PERM_CONSISTENT_READ, PERM_WRITE, isBoundedCache, isPointInTimeView, type BlockGraph, type BlockIO, type BlockNode, type ChildEdge } from '@shear/block';
 import type { CopyRetry, CopyWorkerPool } from '@shear/block-copy';
 import type { BitmapSyncMode } from '@shear/dirty-bitmap';
-import { CBW_INFO, CopyBeforeWrite, FleecingCache, SnapshotAccess, type OnCbwError } from '@shear/fleecing';
+import { CBW_INFO, CopyBeforeWrite, type OnCbwError } from '@shear/fleecing';
 import type { Job, JobDriver } from './job.js';
 import { planBackup, type BackupPlan } from './backup-plan.js';
 
@@ -87,6 +87,11 @@ export function errorAction(policy: BlockdevOnError, e: ShearError): 'report' | 
   return policy;
 }
 
+/** Where a point-in-time view keeps the data it preserved; undefined for other drivers. */
+function preservedDataOf(io: BlockIO): BlockNode | undefined {
+  return isPointInTimeView(io) ? io.preservedDataNode() : undefined;
+}
+
 /**
  * QEMU's backup job: a copy-before-write filter goes above the source (every parent of the
  * source now writes through it), its block-copy engine copies what the sync mode asks for in
@@ -124,6 +129,7 @@ export class BackupJob implements JobDriver {
     source: BlockNode;
     target: BlockNode;
     filter: BlockNode;
+    cbw: CopyBeforeWrite;
     sync: Exclude<MirrorSyncMode, 'incremental'>;
     plan: BackupPlan;
     undoPointInTime: () => void;
@@ -135,7 +141,7 @@ export class BackupJob implements JobDriver {
     this.#source = init.source;
     this.#target = init.target;
     this.#filter = init.filter;
-    this.#cbw = init.filter.driver as CopyBeforeWrite;
+    this.#cbw = init.cbw;
     this.#sync = init.sync;
     this.#plan = init.plan;
     this.#undoPointInTime = init.undoPointInTime;
@@ -173,9 +179,11 @@ export class BackupJob implements JobDriver {
     });
     // Backing up a point-in-time view whose preserved data sits in a fleecing cache: copy the
     // cached clusters first, so the cache drains (with discard-source) before it can fill.
-    const view = p.source.driver;
-    const cache = view instanceof SnapshotAccess && view.filter.targetEdge.child.isOpen ? view.filter.targetEdge.child.driver : undefined;
-    const prefer = cache instanceof FleecingCache ? () => cache.heldRanges() : undefined;
+    const held = preservedDataOf(p.source.driver);
+    const cache = held?.isOpen ? held.driver : undefined;
+    const prefer = isBoundedCache(cache) ? () => cache.heldRanges() : undefined;
+    // Set by `open`, which addNode awaits.
+    let cbw!: CopyBeforeWrite;
     let edge: ChildEdge | undefined;
     let undoPointInTime: (() => void) | undefined;
     const filter = await graph.addNode({
@@ -183,7 +191,7 @@ export class BackupJob implements JobDriver {
       info: CBW_INFO,
       children: [{ role: 'file', node: p.source }, { role: 'target', node: p.target }],
       open: async (c) =>
-        new CopyBeforeWrite({
+        (cbw = new CopyBeforeWrite({
           file: c.get('file')!,
           target: c.get('target')!,
           startEmpty: true,
@@ -192,7 +200,7 @@ export class BackupJob implements JobDriver {
           ...(pool ? { pool } : {}),
           ...(p.emit ? { onEvent: (event: string, data: Record<string, unknown>) => p.emit!(event, { node: filter.name, ...data }) } : {}),
           copy: { ...plan.copyOptions, ...(prefer ? { prefer } : {}) },
-        }),
+        })),
     });
     let release: (() => void) | undefined;
     try {
@@ -201,7 +209,6 @@ export class BackupJob implements JobDriver {
       // write can fall between the three or straddle them.
       release = await p.source.drain();
       inTransaction((tx) => {
-        const cbw = filter.driver as CopyBeforeWrite;
         undoPointInTime = plan.takePointInTime(cbw.copy.copyBitmap);
         tx.add({ abort: undoPointInTime });
         graph.insertFilter(filter, p.source);
@@ -225,6 +232,7 @@ export class BackupJob implements JobDriver {
       source: p.source,
       target: p.target,
       filter,
+      cbw,
       sync,
       plan,
       undoPointInTime: undoPointInTime!,
@@ -271,12 +279,14 @@ export class BackupJob implements JobDriver {
    * view kept in one): occupancy, spills and drains.
    */
   extraInfo(): Record<string, unknown> {
-    const view = this.#source.isOpen ? this.#source.driver : undefined;
-    const node = [this.#target, view instanceof SnapshotAccess ? view.filter.targetEdge.child : undefined].find((n) => n?.isOpen && n.driver instanceof FleecingCache);
-    return {
-      'x-shear-retried': this.#retried,
-      ...(node ? { 'x-shear-cache': { node: node.name, ...(node.driver as FleecingCache).info() } } : {}),
-    };
+    let cache: Record<string, unknown> | undefined;
+    for (const node of [this.#target, this.#source.isOpen ? preservedDataOf(this.#source.driver) : undefined]) {
+      if (node?.isOpen && isBoundedCache(node.driver)) {
+        cache = { node: node.name, ...node.driver.info() };
+        break;
+      }
+    }
+    return { 'x-shear-retried': this.#retried, ...(cache ? { 'x-shear-cache': cache } : {}) };
   }
 
   get filterNode(): BlockNode {

@@ -1,5 +1,5 @@
 import { ShearError, assertRange } from '@shear/base';
-import { isHostMappable, type BlockIO, type HostExtent, type HostMappable, type WriteMapping } from '@shear/block';
+import { hasHostMappingSource, isHostMappable, type BlockIO, type HostExtent, type HostMappable, type WriteMapping } from '@shear/block';
 import type { GrowableIO } from './growable-io.js';
 import type { ImageGuard } from './image-guard.js';
 import type { Qcow2Metadata } from './metadata.js';
@@ -11,8 +11,7 @@ type MapWriteFn = (offset: number, bytes: number) => Promise<WriteMapping>;
 /** The host mapping a node offers: its own mapRead/mapWrite, or what its hostMapping() returns (graph edges and nodes). */
 export function mappingOf(io: unknown): HostMappable | undefined {
   if (isHostMappable(io)) return io;
-  const fn = (io as { hostMapping?: unknown } | null)?.hostMapping;
-  return typeof fn === 'function' ? ((fn as () => HostMappable | undefined).call(io) ?? undefined) : undefined;
+  return hasHostMappingSource(io) ? (io.hostMapping() ?? undefined) : undefined;
 }
 
 /** Appends `x` to `out`, merging it into the last extent when they continue each other. */

@@ -6,4 +6,3 @@ export { JsonMessageStream, DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_MAX_TOKENS, QEMU_
 export { toQmpJson, quoteJsonString } from './json-writer.js';
 export { MAX_QUEUED_REQUESTS } from './session.js';
 export type { QmpVersionInfo } from './builtins.js';
-export { silentLogger, type QmpLogger } from './logger.js';

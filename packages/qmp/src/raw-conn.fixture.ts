@@ -1,6 +1,6 @@
 import net from 'node:net';
 import { JsonMessageStream } from './json-stream.js';
-import type { QmpLogger } from './logger.js';
+import type { Logger } from '@shear/base';
 
 /**
  * Test helper: a connection that writes raw bytes and reads whole lines (QMP output is one
@@ -101,9 +101,9 @@ export function parseLine(line: string): Record<string, unknown> {
 }
 
 /** A logger that records what it is given. */
-export function recordingLogger(): QmpLogger & { records: Array<{ level: string; obj: object; msg?: string }> } {
+export function recordingLogger(): Logger & { records: Array<{ level: string; obj: object; msg?: string }> } {
   const records: Array<{ level: string; obj: object; msg?: string }> = [];
-  const make = (bindings: object): QmpLogger => ({
+  const make = (bindings: object): Logger => ({
     debug: (obj, msg) => void records.push({ level: 'debug', obj: { ...bindings, ...obj }, msg }),
     info: (obj, msg) => void records.push({ level: 'info', obj: { ...bindings, ...obj }, msg }),
     warn: (obj, msg) => void records.push({ level: 'warn', obj: { ...bindings, ...obj }, msg }),

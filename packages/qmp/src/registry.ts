@@ -1,6 +1,5 @@
-import { ShearError } from '@shear/base';
+import { ShearError, type Logger } from '@shear/base';
 import type { QmpErrorMapping } from './errors.js';
-import type { QmpLogger } from './logger.js';
 
 /** What a handler may know about the connection that sent the command. */
 export interface QmpSessionInfo {
@@ -20,7 +19,7 @@ export interface QmpCommandContext {
    * when nobody is left to read it.
    */
   readonly signal: AbortSignal;
-  readonly log: QmpLogger;
+  readonly log: Logger;
   /** Runs `fn` once the reply has been written (e.g. `quit` stops the daemon after replying). */
   afterReply(fn: () => void): void;
 }

@@ -1,10 +1,9 @@
 import { readFileSync } from 'node:fs';
 import net from 'node:net';
-import { ShearError } from '@shear/base';
+import { ShearError, silentLogger, type Logger } from '@shear/base';
 import { registerBuiltins, type QmpVersionInfo } from './builtins.js';
 import type { JsonStreamLimits } from './json-stream.js';
 import { toQmpJson } from './json-writer.js';
-import { silentLogger, type QmpLogger } from './logger.js';
 import { CommandRegistry } from './registry.js';
 import { QmpSession, type SessionHost } from './session.js';
 import { listenUnix, type UnixListener } from './unix-socket.js';
@@ -26,7 +25,7 @@ export interface QmpServerOptions {
   tcp?: { port: number; host?: string };
   /** Commands to serve; the built-ins are added to it. Default: a new registry. */
   registry?: CommandRegistry;
-  log?: QmpLogger;
+  log?: Logger;
   /** Default `{ qemu: 7.2.0, package: "Shear <version>" }`. */
   version?: QmpVersionInfo;
   /** Runs after `quit` replied. Default: close this server. */
@@ -76,7 +75,7 @@ export class QmpServer {
   readonly version: QmpVersionInfo;
 
   readonly #opts: QmpServerOptions;
-  readonly #log: QmpLogger;
+  readonly #log: Logger;
   readonly #host: SessionHost;
   readonly #sessions = new Set<QmpSession>();
   #nextSessionId = 1;

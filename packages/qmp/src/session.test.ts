@@ -3,7 +3,7 @@ import { EventEmitter } from 'node:events';
 import type { Socket } from 'node:net';
 import { QmpSession, MAX_QUEUED_REQUESTS, type SessionHost } from './session.js';
 import { CommandRegistry } from './registry.js';
-import { silentLogger } from './logger.js';
+import { silentLogger } from '@shear/base';
 import { deferred, until } from './raw-conn.fixture.js';
 
 /** The part of a socket a session uses, with every call visible to the test. */

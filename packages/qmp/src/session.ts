@@ -1,9 +1,8 @@
 import type { Socket } from 'node:net';
-import { ShearError } from '@shear/base';
+import { ShearError, type Logger } from '@shear/base';
 import { internalErrorDesc, toQmpError, type QmpErrorBody } from './errors.js';
 import { JsonMessageStream, type JsonStreamLimits, type StreamItem } from './json-stream.js';
 import { toQmpJson } from './json-writer.js';
-import type { QmpLogger } from './logger.js';
 import type { CommandRegistry, QmpCommand, QmpCommandContext, QmpSessionInfo } from './registry.js';
 
 /** Parsed requests waiting while a command runs; past this the socket stops being read. */
@@ -18,7 +17,7 @@ export interface SessionHost {
   readonly limits: Partial<JsonStreamLimits>;
   /** A client that lets this much output pile up (it reads no events) is disconnected. */
   readonly maxOutputBytes: number;
-  readonly log: QmpLogger;
+  readonly log: Logger;
   /** Called once the socket is closed and no command of the session is running. */
   sessionEnded(session: QmpSession): void;
 }
@@ -38,7 +37,7 @@ export class QmpSession implements QmpSessionInfo {
   readonly #host: SessionHost;
   readonly #socket: Socket;
   readonly #stream: JsonMessageStream;
-  readonly #log: QmpLogger;
+  readonly #log: Logger;
   readonly #abort = new AbortController();
 
   #queue: StreamItem[] = [];

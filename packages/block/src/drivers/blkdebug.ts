@@ -3,6 +3,7 @@ import { ShearError, alignDown, alignUp, assertRange, isPowerOfTwo } from '@shea
 import { codeForErrno } from '@shear/native';
 import { RequestTracker } from './request-tracker.js';
 import type { BlockIO, BlockStatusExtent, WriteOptions, WriteZeroesOptions } from '../io.js';
+import { isResizable } from '../capabilities.js';
 import {
   BlkdebugRuleEngine,
   type BlkdebugEvent,
@@ -285,11 +286,11 @@ export class BlkdebugDriver implements BlockIO {
 
   /** A resize goes to the image, as QEMU's blkdebug forwards truncate (a qcow2 above grows its file). */
   truncate(length: number): Promise<void> {
-    const child = this.#child as BlockIO & { truncate?: (length: number) => Promise<void> };
-    if (typeof child.truncate !== 'function') {
+    const child = this.#child;
+    if (!isResizable(child)) {
       return Promise.reject(new ShearError('ERR_NOT_IMPLEMENTED', 'Cannot resize blkdebug node: its image cannot be resized'));
     }
-    return this.#request('resize', 0, 0, () => child.truncate!(length));
+    return this.#request('resize', 0, 0, () => child.truncate(length));
   }
 
   /** Waits for requests in flight, then closes the child. Idempotent. */

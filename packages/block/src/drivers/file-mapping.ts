@@ -1,6 +1,6 @@
 import { assertRange } from '@shear/base';
 import type { HostExtent, HostMappable, WriteMapping } from '../host-mapping.js';
-import { FileDriver } from './file.js';
+import type { FileDriver } from './file.js';
 
 /**
  * A raw file maps one to one onto its fd. Files opened with O_DIRECT are not mapped: worker

@@ -4,6 +4,9 @@ import { ShearError, alignDown, alignUp, assertRange, isPowerOfTwo, isShearError
 import { SYNC_FILE_RANGE, errnoName, getNative, ioError, type FallocateMode, type NativeIO } from '@shear/native';
 import { RequestTracker } from './request-tracker.js';
 import type { BlockIO, BlockStatusExtent, WriteOptions, WriteZeroesOptions } from '../io.js';
+import type { HostFile, HostMappingSource, Resizable } from '../capabilities.js';
+import type { HostMappable } from '../host-mapping.js';
+import { fileMapping } from './file-mapping.js';
 
 /** Size of the zero buffer that writeZeroes writes in turn when the file system cannot zero a range. */
 export const ZERO_CHUNK_BYTES = 1024 * 1024;
@@ -50,7 +53,7 @@ export interface FileDriverOptions {
  *   that refuses O_DIRECT fails the open with ERR_IO_UNSUPPORTED.
  * - close waits for requests in flight, then closes the fd; later calls reject with ERR_CLOSED.
  */
-export class FileDriver implements BlockIO {
+export class FileDriver implements BlockIO, HostFile, Resizable, HostMappingSource {
   readonly path: string;
   readonly readOnly: boolean;
   readonly direct: boolean;
@@ -244,6 +247,11 @@ export class FileDriver implements BlockIO {
         this.#length = length;
       }),
     );
+  }
+
+  /** Workers reach the file through its fd, unless it is open with O_DIRECT (see fileMapping). */
+  hostMapping(): HostMappable | undefined {
+    return fileMapping(this);
   }
 
   /**

@@ -5,7 +5,7 @@ import { parseArgs } from 'node:util';
 import { performance } from 'node:perf_hooks';
 import { ShearError } from '@shear/base';
 import type { Logger } from '../logger.js';
-import { BlockGraph, PERM_ALL, PERM_CONSISTENT_READ, PERM_WRITE, PERM_WRITE_UNCHANGED, compareContent, type BlockNode } from '@shear/block';
+import { BlockGraph, PERM_ALL, PERM_CONSISTENT_READ, PERM_WRITE, PERM_WRITE_UNCHANGED, compareContent, hasHostFile, type BlockNode } from '@shear/block';
 import { addBlockdev, createImage } from '@shear/blockdev';
 import { BlockCopy, CopyWorkerPool, DEFAULT_MAX_CHUNK_BYTES, defaultWorkerCount } from '@shear/block-copy';
 import { parseBitmapSyncMode, type BitmapSyncMode, type DirtyBitmap } from '@shear/dirty-bitmap';
@@ -254,8 +254,8 @@ export async function runBackup(argv: string[], log: Logger, signal: AbortSignal
       if (sourceFormat !== 'qcow2' || args.targetFormat !== 'qcow2') usage('--sync top needs a qcow2 source and --target-format qcow2');
       const backing = src.child('backing')?.child;
       const fileOf = backing?.info.name === 'file' ? backing : backing?.child('file')?.child;
-      const backingDriver = fileOf?.isOpen ? (fileOf.driver as { path?: string }) : undefined;
-      if (backing && backingDriver?.path) {
+      const backingDriver = fileOf?.isOpen ? fileOf.driver : undefined;
+      if (backing && hasHostFile(backingDriver) && backingDriver.path) {
         backingFile = backingDriver.path;
         backingFormat = backing.info.name === 'qcow2' ? 'qcow2' : 'raw';
       }

@@ -86,7 +86,7 @@ export async function runDaemon(argv: string[], log: Logger, signal: AbortSignal
     ...(values['nbd-server'] ? { nbdServer: nbdServerOption(values['nbd-server']) } : {}),
     ...(values.export?.length ? { exports: values.export.map((e, i) => exportOption(e, i)) } : {}),
     nbdAllowRemote: values['nbd-allow-remote'] ?? false,
-    log: log as unknown as import('@shear/daemon').DaemonLogger,
+    log,
   });
   const onAbort = () => void daemon.shutdown('signal');
   signal.addEventListener('abort', onAbort, { once: true });

@@ -1,6 +1,5 @@
 import { ArgReader, ShearError } from '@shear/base';
-import { FileDriver, type BlockNode } from '@shear/block';
-import { FleecingCache } from '@shear/fleecing';
+import { hasHostFile, isBoundedCache, type BlockNode } from '@shear/block';
 import { addBlockdev, confinePath, createImage } from '@shear/blockdev';
 import { formatQcow2 } from '@shear/qcow2';
 import type { JobDriver } from '@shear/jobs';
@@ -10,7 +9,7 @@ import { blockdevContext, type DaemonContext } from '../context.js';
 /** The file a node reads from, for query output: its own or its file child's. */
 function filenameOf(node: BlockNode): string {
   for (let n: BlockNode | undefined = node; n; n = n.child('file')?.child ?? n.child('image')?.child) {
-    if (n.isOpen && n.driver instanceof FileDriver) return n.driver.path;
+    if (n.isOpen && hasHostFile(n.driver)) return n.driver.path;
     if (!n.child('file') && !n.child('image')) break;
   }
   return `json:{"driver":"${node.info.name}"}`;
@@ -41,11 +40,11 @@ export function describeNode(node: BlockNode): Record<string, unknown> {
     iops_wr: 0,
     'backing_file_depth': backingDepth(node),
     'write_threshold': 0,
-    cache: { writeback: true, direct: node.isOpen && node.driver instanceof FileDriver ? node.driver.direct : false, 'no-flush': false },
+    cache: { writeback: true, direct: node.isOpen && hasHostFile(node.driver) ? node.driver.direct : false, 'no-flush': false },
     image: { filename: file, format: node.info.name, 'virtual-size': node.length, 'dirty-flag': false },
     'dirty-bitmaps': node.bitmaps.info(),
   };
-  if (node.isOpen && node.driver instanceof FleecingCache) info['x-shear-cache'] = node.driver.info();
+  if (node.isOpen && isBoundedCache(node.driver)) info['x-shear-cache'] = node.driver.info();
   if (backing) {
     info['backing_file'] = filenameOf(backing);
     (info['image'] as Record<string, unknown>)['backing-filename'] = filenameOf(backing);

@@ -1,7 +1,6 @@
 import { ArgReader, ShearError } from '@shear/base';
-import { PERM_ALL, PERM_CONSISTENT_READ, PERM_WRITE, type BlockNode, type ChildEdge } from '@shear/block';
+import { PERM_ALL, PERM_CONSISTENT_READ, PERM_WRITE, isPointInTimeView, type BlockNode, type ChildEdge } from '@shear/block';
 import type { DirtyBitmap } from '@shear/dirty-bitmap';
-import { SnapshotAccess } from '@shear/fleecing';
 import { NbdServer, type NbdAddress } from '@shear/nbd';
 import type { CommandRegistry } from '@shear/qmp';
 import type { DaemonContext } from '../context.js';
@@ -57,12 +56,12 @@ export class NbdService {
   /**
    * block-export-add (type nbd) and the older nbd-server-add. The export is a user of its node:
    * it follows the node under a filter a backup job inserts. Exports are read-only unless
-   * `writable`; a snapshot-access node is exported as a fleecing export (TRIM accepted).
+   * `writable`; a point-in-time view (snapshot-access) is exported as a fleecing export (TRIM accepted).
    */
   add(opts: { id: string; nodeName: string; name: string; description?: string | undefined; writable: boolean; bitmaps: DirtyBitmap[]; allocationDepth: boolean }): void {
     const server = this.#requireServer();
     const node = lookupNode(this.#ctx, opts.nodeName);
-    const fleecing = node.driver instanceof SnapshotAccess;
+    const fleecing = isPointInTimeView(node.driver);
     const perm = opts.writable || fleecing ? PERM_WRITE | PERM_CONSISTENT_READ : PERM_CONSISTENT_READ;
     const edge = this.#ctx.graph.attachUser({ kind: 'user', name: `export:${opts.id}` }, node, perm, PERM_ALL);
     try {
