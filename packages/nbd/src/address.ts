@@ -31,6 +31,48 @@ export function parsePort(port: number | string): number {
   return n;
 }
 
+/** An export named by an NBD URI. */
+export interface NbdExportRef {
+  address: NbdBoundAddress;
+  exportName: string;
+}
+
+const URI_FORMS = 'expected nbd+unix:///EXPORT?socket=PATH or nbd://HOST[:PORT]/EXPORT';
+
+/** Whether a command-line argument is meant as an NBD URI rather than a file name. */
+export function isNbdUri(s: string): boolean {
+  return /^nbd(\+unix|\+tcp)?:\/\//.test(s);
+}
+
+/**
+ * The inverse of `nbdUri`: the forms of the NBD URI spec Shear's commands take (no TLS, so
+ * `nbds` is refused). `what` names the option in the error ("--source").
+ * @throws ERR_INVALID_ARGUMENT
+ */
+export function parseNbdUri(uri: string, what: string): NbdExportRef {
+  const bad = (why = URI_FORMS): never => {
+    throw new ShearError('ERR_INVALID_ARGUMENT', `Invalid ${what} "${uri}": ${why}`);
+  };
+  let u: URL;
+  try {
+    u = new URL(uri);
+  } catch {
+    return bad();
+  }
+  const exportName = decodeURIComponent(u.pathname.replace(/^\//, ''));
+  if (u.protocol === 'nbd+unix:') {
+    const socket = u.searchParams.get('socket');
+    if (u.host !== '' || !socket) return bad();
+    return { address: { type: 'unix', path: socket }, exportName };
+  }
+  if (u.protocol === 'nbd:' || u.protocol === 'nbd+tcp:') {
+    if (!u.hostname) return bad();
+    const host = u.hostname.startsWith('[') ? u.hostname.slice(1, -1) : u.hostname;
+    return { address: { type: 'inet', host, port: parsePort(u.port === '' ? 10809 : u.port) }, exportName };
+  }
+  return bad(`scheme "${u.protocol}" is not supported; ${URI_FORMS}`);
+}
+
 /** A URI naming an export at an address, for tools (qemu-img, nbdinfo): nbd+unix:///NAME?socket=PATH or nbd://HOST:PORT/NAME. */
 export function nbdUri(address: NbdBoundAddress, exportName: string): string {
   const name = encodeURIComponent(exportName);

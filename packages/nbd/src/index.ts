@@ -3,6 +3,6 @@ export { type NbdExportOptions, type NbdExportInfo } from './server/export.js';
 export { MAX_INFLIGHT_REQUESTS } from './server/connection.js';
 export { NbdClientDriver, DEFAULT_CLIENT_MAX_INFLIGHT, DEFAULT_CONNECT_TIMEOUT_MS, type NbdClientOptions, type NbdContextExtent } from './client/driver.js';
 export { type BlockSizes } from './client/handshake.js';
-export { isLoopbackHost, nbdUri, parsePort, type NbdAddress, type NbdBoundAddress } from './address.js';
+export { isLoopbackHost, isNbdUri, nbdUri, parseNbdUri, parsePort, type NbdAddress, type NbdBoundAddress, type NbdExportRef } from './address.js';
 export { nbdErrorFor, errorFromNbd, NBD_ERRNO_NAMES } from './errors.js';
 export * as protocol from './protocol/index.js';

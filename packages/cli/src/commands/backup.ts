@@ -1,7 +1,7 @@
+import { Usage } from '../command-args.js';
 import { rmSync } from 'node:fs';
 import { rename, rm, stat, open as openFile } from 'node:fs/promises';
 import path from 'node:path';
-import { parseArgs } from 'node:util';
 import { performance } from 'node:perf_hooks';
 import { ShearError } from '@shear/base';
 import type { Logger } from '../logger.js';
@@ -12,7 +12,6 @@ import { parseBitmapSyncMode, type BitmapSyncMode, type DirtyBitmap } from '@she
 import { planBackup, type BackupPlan } from '@shear/jobs';
 import { EXIT } from '../exit-codes.js';
 import { ProgressBar, formatBytes } from '../progress-bar.js';
-import { parseSize } from '../parse-size.js';
 import { pausePoint, pauseRequested, stallUnwind, type Interruption } from '../interrupt.js';
 import { explainFailure, freeBytes, summaryLine } from './backup-report.js';
 
@@ -84,18 +83,7 @@ interface BackupArgs {
   json: boolean;
 }
 
-function usage(message: string): never {
-  throw new ShearError('ERR_INVALID_ARGUMENT', `${message}\n\n${BACKUP_USAGE}`);
-}
-
-/** A size option; a value that is not a size is a usage error like any other. */
-function sizeOption(value: string, what: string): number {
-  try {
-    return parseSize(value, what);
-  } catch (err) {
-    usage((err as Error).message);
-  }
-}
+const usage: Usage = new Usage(BACKUP_USAGE);
 
 /** Retries of a failed range in a one-shot backup (QMP jobs have their own default). */
 const DEFAULT_CLI_RETRIES = 3;
@@ -107,61 +95,49 @@ const DEFAULT_CLI_RETRIES = 3;
  */
 const KILL_WORKERS = /^(\d+):(\d+)$/.exec(process.env['SHEAR_KILL_WORKERS'] ?? '');
 
-function oneOf<T extends string>(value: string | undefined, allowed: readonly T[], what: string): T | undefined {
-  if (value === undefined) return undefined;
-  if (!allowed.includes(value as T)) usage(`Invalid ${what} "${value}": expected ${allowed.join(' or ')}`);
-  return value as T;
-}
-
 export function parseBackupArgs(argv: string[]): BackupArgs {
-  let values;
-  try {
-    ({ values } = parseArgs({
-      args: argv,
-      options: {
-        source: { type: 'string' },
-        target: { type: 'string' },
-        'source-format': { type: 'string' },
-        'target-format': { type: 'string' },
-        sync: { type: 'string' },
-        bitmap: { type: 'string' },
-        'bitmap-mode': { type: 'string' },
-        backing: { type: 'string' },
-        workers: { type: 'string' },
-        'max-chunk': { type: 'string' },
-        speed: { type: 'string' },
-        retries: { type: 'string' },
-        compress: { type: 'boolean' },
-        verify: { type: 'boolean' },
-        'single-task': { type: 'boolean' },
-        force: { type: 'boolean' },
-        json: { type: 'boolean' },
-        'log-level': { type: 'string' },
-      },
-      strict: true,
-      allowPositionals: false,
-    }));
-  } catch (err) {
-    usage((err as Error).message);
-  }
-  if (!values.source) usage('Missing --source');
-  if (!values.target) usage('Missing --target');
-  const workers = values.workers === undefined ? defaultWorkerCount() : Number(values.workers);
-  if (!Number.isInteger(workers) || workers < 1 || workers > 256) usage(`Invalid --workers "${values.workers}": expected an integer from 1 to 256`);
-  const maxChunk = values['max-chunk'] === undefined ? DEFAULT_MAX_CHUNK_BYTES : sizeOption(values['max-chunk'], '--max-chunk');
+  const { values } = usage.parse({
+    args: argv,
+    options: {
+      source: { type: 'string' },
+      target: { type: 'string' },
+      'source-format': { type: 'string' },
+      'target-format': { type: 'string' },
+      sync: { type: 'string' },
+      bitmap: { type: 'string' },
+      'bitmap-mode': { type: 'string' },
+      backing: { type: 'string' },
+      workers: { type: 'string' },
+      'max-chunk': { type: 'string' },
+      speed: { type: 'string' },
+      retries: { type: 'string' },
+      compress: { type: 'boolean' },
+      verify: { type: 'boolean' },
+      'single-task': { type: 'boolean' },
+      force: { type: 'boolean' },
+      json: { type: 'boolean' },
+      'log-level': { type: 'string' },
+    },
+    strict: true,
+    allowPositionals: false,
+  });
+  if (!values.source) usage.fail('Missing --source');
+  if (!values.target) usage.fail('Missing --target');
+  const workers = usage.integer(values.workers, '--workers', 1, 256, defaultWorkerCount());
+  const maxChunk = values['max-chunk'] === undefined ? DEFAULT_MAX_CHUNK_BYTES : usage.size(values['max-chunk'], '--max-chunk');
   const retries = values.retries === undefined ? DEFAULT_CLI_RETRIES : Number(values.retries);
-  if (!/^\d+$/.test(values.retries ?? '0') || !Number.isInteger(retries) || retries > 100) usage(`Invalid --retries "${values.retries}": expected an integer from 0 to 100`);
-  if (maxChunk < 65536 || maxChunk > 1 << 30) usage(`Invalid --max-chunk ${maxChunk}: expected 64k to 1G`);
-  const targetFormat = oneOf(values['target-format'], ['raw', 'qcow2'] as const, '--target-format') ?? 'raw';
-  if (values.compress && targetFormat !== 'qcow2') usage('--compress needs --target-format qcow2');
-  const sync = oneOf(values.sync, ['full', 'top', 'bitmap'] as const, '--sync') ?? 'full';
-  if (sync === 'bitmap' && !values.bitmap) usage('--sync bitmap needs --bitmap NAME');
-  if (sync !== 'bitmap' && (values.bitmap || values['bitmap-mode'])) usage('--bitmap and --bitmap-mode go with --sync bitmap');
-  if (values.backing && targetFormat !== 'qcow2') usage('--backing needs --target-format qcow2');
+  if (!/^\d+$/.test(values.retries ?? '0') || !Number.isInteger(retries) || retries > 100) usage.fail(`Invalid --retries "${values.retries}": expected an integer from 0 to 100`);
+  if (maxChunk < 65536 || maxChunk > 1 << 30) usage.fail(`Invalid --max-chunk ${maxChunk}: expected 64k to 1G`);
+  const targetFormat = usage.oneOf(values['target-format'], ['raw', 'qcow2'] as const, '--target-format') ?? 'raw';
+  if (values.compress && targetFormat !== 'qcow2') usage.fail('--compress needs --target-format qcow2');
+  const sync = usage.oneOf(values.sync, ['full', 'top', 'bitmap'] as const, '--sync') ?? 'full';
+  if (sync === 'bitmap' && !values.bitmap) usage.fail('--sync bitmap needs --bitmap NAME');
+  if (sync !== 'bitmap' && (values.bitmap || values['bitmap-mode'])) usage.fail('--bitmap and --bitmap-mode go with --sync bitmap');
+  if (values.backing && targetFormat !== 'qcow2') usage.fail('--backing needs --target-format qcow2');
   return {
     source: values.source,
     target: values.target,
-    sourceFormat: oneOf(values['source-format'], ['raw', 'qcow2'] as const, '--source-format'),
+    sourceFormat: usage.oneOf(values['source-format'], ['raw', 'qcow2'] as const, '--source-format'),
     targetFormat,
     sync,
     bitmap: values.bitmap,
@@ -169,7 +145,7 @@ export function parseBackupArgs(argv: string[]): BackupArgs {
     backing: values.backing,
     workers: values['single-task'] ? 1 : workers,
     maxChunk,
-    speed: values.speed === undefined ? 0 : sizeOption(values.speed, '--speed'),
+    speed: values.speed === undefined ? 0 : usage.size(values.speed, '--speed'),
     retries,
     compress: values.compress ?? false,
     verify: values.verify ?? false,
@@ -251,7 +227,7 @@ export async function runBackup(argv: string[], log: Logger, signal: AbortSignal
       backingFile = path.resolve(args.backing);
       backingFormat = await probeFormat(backingFile);
     } else if (args.sync === 'top') {
-      if (sourceFormat !== 'qcow2' || args.targetFormat !== 'qcow2') usage('--sync top needs a qcow2 source and --target-format qcow2');
+      if (sourceFormat !== 'qcow2' || args.targetFormat !== 'qcow2') usage.fail('--sync top needs a qcow2 source and --target-format qcow2');
       const backing = src.child('backing')?.child;
       const fileOf = backing?.info.name === 'file' ? backing : backing?.child('file')?.child;
       const backingDriver = fileOf?.isOpen ? fileOf.driver : undefined;

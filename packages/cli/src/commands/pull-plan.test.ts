@@ -1,7 +1,8 @@
 import t from 'tap';
 import fc from 'fast-check';
 import { CHUNK_BYTES } from '../backup-manifest.js';
-import { parsePullUrl, piecesByChunk, type PlannedExtent } from './pull-source.js';
+import { parseNbdUri } from '@shear/nbd';
+import { piecesByChunk, type PlannedExtent } from './pull-source.js';
 import { chunksOf, runsOf } from './pull-state.js';
 
 /** Sorted, disjoint planned extents over a disk of up to 8 chunks. */
@@ -54,11 +55,11 @@ t.test('runsOf and chunksOf are inverse; runs are sorted, disjoint and not adjac
 });
 
 t.test('source URLs', async (t) => {
-  t.same(parsePullUrl('nbd+unix:///vda?socket=/run/x/vm1.sock'), { address: { type: 'unix', path: '/run/x/vm1.sock' }, exportName: 'vda' });
-  t.same(parsePullUrl('nbd://127.0.0.1:10810/sda'), { address: { type: 'inet', host: '127.0.0.1', port: 10810 }, exportName: 'sda' });
-  t.same(parsePullUrl('nbd://[::1]/'), { address: { type: 'inet', host: '::1', port: 10809 }, exportName: '' });
-  t.same(parsePullUrl('nbd+unix:///a%20b?socket=s'), { address: { type: 'unix', path: 's' }, exportName: 'a b' });
+  t.same(parseNbdUri('nbd+unix:///vda?socket=/run/x/vm1.sock', '--source'), { address: { type: 'unix', path: '/run/x/vm1.sock' }, exportName: 'vda' });
+  t.same(parseNbdUri('nbd://127.0.0.1:10810/sda', '--source'), { address: { type: 'inet', host: '127.0.0.1', port: 10810 }, exportName: 'sda' });
+  t.same(parseNbdUri('nbd://[::1]/', '--source'), { address: { type: 'inet', host: '::1', port: 10809 }, exportName: '' });
+  t.same(parseNbdUri('nbd+unix:///a%20b?socket=s', '--source'), { address: { type: 'unix', path: 's' }, exportName: 'a b' });
   for (const bad of ['nbd+unix:///vda', 'nbds://h/x', 'nbd:///x', 'not a url', 'nbd://h:99999/x']) {
-    t.throws(() => parsePullUrl(bad), { code: 'ERR_INVALID_ARGUMENT' }, bad);
+    t.throws(() => parseNbdUri(bad, '--source'), { code: 'ERR_INVALID_ARGUMENT' }, bad);
   }
 });

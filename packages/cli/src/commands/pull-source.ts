@@ -1,36 +1,9 @@
 import { ShearError } from '@shear/base';
-import { NbdClientDriver, parsePort, protocol, type NbdAddress } from '@shear/nbd';
+import { NbdClientDriver, protocol, type NbdExportRef } from '@shear/nbd';
 import { CHUNK_BYTES } from '../backup-manifest.js';
 
 /** Where `shear pull` reads: an export at an NBD address. */
-export interface PullUrl {
-  address: NbdAddress;
-  exportName: string;
-}
-
-const BAD_URL = 'expected nbd+unix:///EXPORT?socket=PATH or nbd://HOST[:PORT]/EXPORT';
-
-/** Parses the two URI forms of the NBD URI spec that pull accepts (no TLS). */
-export function parsePullUrl(url: string): PullUrl {
-  let u: URL;
-  try {
-    u = new URL(url);
-  } catch {
-    throw new ShearError('ERR_INVALID_ARGUMENT', `Invalid --source "${url}": ${BAD_URL}`);
-  }
-  const exportName = decodeURIComponent(u.pathname.replace(/^\//, ''));
-  if (u.protocol === 'nbd+unix:') {
-    const socket = u.searchParams.get('socket');
-    if (u.host !== '' || !socket) throw new ShearError('ERR_INVALID_ARGUMENT', `Invalid --source "${url}": ${BAD_URL}`);
-    return { address: { type: 'unix', path: socket }, exportName };
-  }
-  if (u.protocol === 'nbd:') {
-    if (!u.hostname) throw new ShearError('ERR_INVALID_ARGUMENT', `Invalid --source "${url}": ${BAD_URL}`);
-    const host = u.hostname.startsWith('[') ? u.hostname.slice(1, -1) : u.hostname;
-    return { address: { type: 'inet', host, port: parsePort(u.port === '' ? 10809 : u.port) }, exportName };
-  }
-  throw new ShearError('ERR_INVALID_ARGUMENT', `Invalid --source "${url}": scheme "${u.protocol}" is not supported; ${BAD_URL}`);
-}
+export type PullUrl = NbdExportRef;
 
 export const dirtyBitmapContext = (name: string): string => `qemu:dirty-bitmap:${name}`;
 

@@ -1,9 +1,10 @@
+import { Usage } from '../command-args.js';
 import { rmSync } from 'node:fs';
 import { rename, rm, stat } from 'node:fs/promises';
 import path from 'node:path';
-import { parseArgs } from 'node:util';
 import { performance } from 'node:perf_hooks';
 import { ShearError } from '@shear/base';
+import { isNbdUri, parseNbdUri, type NbdBoundAddress, type NbdExportRef } from '@shear/nbd';
 import type { Logger } from '../logger.js';
 import { BlockGraph, PERM_ALL, PERM_CONSISTENT_READ, PERM_WRITE, PERM_WRITE_UNCHANGED, type BlockNode, type ChildEdge } from '@shear/block';
 import { addBlockdev, createImage } from '@shear/blockdev';
@@ -12,7 +13,6 @@ import { planBackup } from '@shear/jobs';
 import { EXIT } from '../exit-codes.js';
 import { ProgressBar, formatBytes } from '../progress-bar.js';
 import { pausePoint, pauseRequested, stallUnwind, type Interruption } from '../interrupt.js';
-import { isNbdUrl, parseNbdUrl, type NbdTarget } from '../nbd-url.js';
 import { computeChunkDigests, diffChunks, type BackupManifest } from '../backup-manifest.js';
 import { closeAll, openImage, removeTree, syncFile, dataBytes } from './backup.js';
 import { explainFailure, freeBytes } from './backup-report.js';
@@ -61,7 +61,7 @@ export interface RestoreSummary {
 interface RestoreArgs {
   chain: string;
   target: string;
-  nbd: NbdTarget | undefined;
+  nbd: NbdExportRef | undefined;
   format: 'raw' | 'qcow2';
   verify: boolean;
   manifests: boolean;
@@ -70,44 +70,35 @@ interface RestoreArgs {
   json: boolean;
 }
 
-function usage(message: string): never {
-  throw new ShearError('ERR_INVALID_ARGUMENT', `${message}\n\n${RESTORE_USAGE}`);
-}
+const usage: Usage = new Usage(RESTORE_USAGE);
 
 const RESTORE_RETRIES = 3;
 
 export function parseRestoreArgs(argv: string[]): RestoreArgs {
-  let values;
-  try {
-    ({ values } = parseArgs({
-      args: argv,
-      options: {
-        chain: { type: 'string' },
-        target: { type: 'string' },
-        format: { type: 'string' },
-        verify: { type: 'boolean' },
-        'no-manifests': { type: 'boolean' },
-        workers: { type: 'string' },
-        force: { type: 'boolean' },
-        json: { type: 'boolean' },
-        'log-level': { type: 'string' },
-      },
-      strict: true,
-      allowPositionals: false,
-    }));
-  } catch (err) {
-    usage((err as Error).message);
-  }
-  if (!values.chain) usage('Missing --chain');
-  if (!values.target) usage('Missing --target');
-  const format = values.format ?? 'raw';
-  if (format !== 'raw' && format !== 'qcow2') usage(`Invalid --format "${format}": expected raw or qcow2`);
-  const nbd = isNbdUrl(values.target) ? parseNbdUrl(values.target, '--target') : undefined;
-  if (nbd && values.format) usage('--format is for a file target; an NBD export takes the disk as it is');
-  if (nbd && values.force) usage('--force is for a file target; an NBD export is always overwritten');
-  if (values.verify && values['no-manifests']) usage('--verify needs the manifests: not with --no-manifests');
-  const workers = values.workers === undefined ? defaultWorkerCount() : Number(values.workers);
-  if (!Number.isInteger(workers) || workers < 1 || workers > 256) usage(`Invalid --workers "${values.workers}": expected an integer from 1 to 256`);
+  const { values } = usage.parse({
+    args: argv,
+    options: {
+      chain: { type: 'string' },
+      target: { type: 'string' },
+      format: { type: 'string' },
+      verify: { type: 'boolean' },
+      'no-manifests': { type: 'boolean' },
+      workers: { type: 'string' },
+      force: { type: 'boolean' },
+      json: { type: 'boolean' },
+      'log-level': { type: 'string' },
+    },
+    strict: true,
+    allowPositionals: false,
+  });
+  if (!values.chain) usage.fail('Missing --chain');
+  if (!values.target) usage.fail('Missing --target');
+  const format = usage.oneOf(values.format, ['raw', 'qcow2'] as const, '--format') ?? 'raw';
+  const nbd = isNbdUri(values.target) ? parseNbdUri(values.target, '--target') : undefined;
+  if (nbd && values.format) usage.fail('--format is for a file target; an NBD export takes the disk as it is');
+  if (nbd && values.force) usage.fail('--force is for a file target; an NBD export is always overwritten');
+  if (values.verify && values['no-manifests']) usage.fail('--verify needs the manifests: not with --no-manifests');
+  const workers = usage.integer(values.workers, '--workers', 1, 256, defaultWorkerCount());
   return {
     chain: values.chain,
     target: values.target,
@@ -150,7 +141,7 @@ export async function runRestore(argv: string[], log: Logger, signal: AbortSigna
   const toFile = !args.nbd;
   if (toFile) {
     const resolved = path.resolve(args.target);
-    if (chain.some((l) => path.resolve(l.path) === resolved)) usage(`Cannot restore onto "${args.target}": it is a link of the chain being restored`);
+    if (chain.some((l) => path.resolve(l.path) === resolved)) usage.fail(`Cannot restore onto "${args.target}": it is a link of the chain being restored`);
     const targetExists = await stat(args.target).then(() => true, () => false);
     if (targetExists && !args.force) {
       throw new ShearError('ERR_PERMISSION_DENIED', `Cannot write target "${args.target}": it already exists (use --force to replace it)`, { path: args.target });
@@ -179,7 +170,7 @@ export async function runRestore(argv: string[], log: Logger, signal: AbortSigna
     const length = src.length;
     let tgt: BlockNode;
     if (args.nbd) {
-      tgt = await addBlockdev(graph, { driver: 'nbd', server: args.nbd.server, export: args.nbd.export }).catch((err: ShearError) => {
+      tgt = await addBlockdev(graph, { driver: 'nbd', server: qapiServer(args.nbd.address), export: args.nbd.exportName }).catch((err: ShearError) => {
         throw new ShearError(err.code, `Cannot open target "${args.target}": ${err.message}`, { ...err.context }, { cause: err });
       });
       if (tgt.length !== src.length) {
@@ -271,6 +262,11 @@ export async function runRestore(argv: string[], log: Logger, signal: AbortSigna
     if (toFile && !renamed) await rm(partial, { force: true });
     forgetPartial?.();
   }
+}
+
+/** The export's server as QEMU's nbd blockdev options take it (`port` is a string there). */
+function qapiServer(a: NbdBoundAddress): Record<string, string> {
+  return a.type === 'unix' ? { type: 'unix', path: a.path } : { type: 'inet', host: a.host, port: String(a.port) };
 }
 
 function summaryLine(s: RestoreSummary): string {

@@ -1,4 +1,4 @@
-import { parseArgs } from 'node:util';
+import { Usage } from '../command-args.js';
 import { performance } from 'node:perf_hooks';
 import { ShearError } from '@shear/base';
 import type { Logger } from '../logger.js';
@@ -42,18 +42,11 @@ export interface VerifyReport {
   seconds: number;
 }
 
-function usage(message: string): never {
-  throw new ShearError('ERR_INVALID_ARGUMENT', `${message}\n\n${VERIFY_USAGE}`);
-}
+const usage: Usage = new Usage(VERIFY_USAGE);
 
 function parseVerifyArgs(argv: string[]): { backup: string; json: boolean } {
-  let parsed;
-  try {
-    parsed = parseArgs({ args: argv, options: { json: { type: 'boolean' }, 'log-level': { type: 'string' } }, strict: true, allowPositionals: true });
-  } catch (err) {
-    usage((err as Error).message);
-  }
-  if (parsed.positionals.length !== 1) usage(parsed.positionals.length === 0 ? 'Missing BACKUP' : `One BACKUP at a time (got ${parsed.positionals.length})`);
+  const parsed = usage.parse({ args: argv, options: { json: { type: 'boolean' }, 'log-level': { type: 'string' } }, strict: true, allowPositionals: true });
+  if (parsed.positionals.length !== 1) usage.fail(parsed.positionals.length === 0 ? 'Missing BACKUP' : `One BACKUP at a time (got ${parsed.positionals.length})`);
   return { backup: parsed.positionals[0]!, json: parsed.values.json ?? false };
 }
 
